@@ -1,0 +1,1 @@
+"""Feature schema, ID encoding, the collisionless embedding table and the Redis snapshot store."""

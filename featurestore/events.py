@@ -1,0 +1,127 @@
+"""Wire schema of everything that flows through Kafka: labeled events, impressions, clicks.
+
+JSON on the wire (orjson), validated by pydantic so that a rejection names the field. Limits on
+string and list sizes are part of the contract: a trainer must never be taken down by one huge
+message, so oversize values are rejected here and dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_ID_LEN = 128
+MAX_FEATURES = 64
+MAX_LIST_LEN = 64
+MAX_TS = 4_102_444_800.0  # 2100-01-01: anything later is a unit mix-up (ms instead of s)
+
+Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
+Scalar = Annotated[str, Field(max_length=MAX_ID_LEN)] | int | float
+FeatureValue = Scalar | Annotated[list[Annotated[str, Field(max_length=MAX_ID_LEN)]], Field(
+    max_length=MAX_LIST_LEN)]
+Features = Annotated[dict[Annotated[str, Field(max_length=64)], FeatureValue], Field(
+    max_length=MAX_FEATURES)]
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TS)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_json(self) -> bytes:
+        """Serialize for Kafka, dropping unset optional fields to keep messages small."""
+        return orjson.dumps(self.model_dump(exclude_none=True))
+
+
+class BanditContext(_Wire):
+    """The sparse Diag-LinUCB context used at serve time: cluster indices and their weights."""
+
+    clusters: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)]
+    weights: Annotated[list[float], Field(max_length=64)]
+
+    @field_validator("weights")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) for x in v):
+            raise ValueError("weights must be finite")
+        return v
+
+
+class LabeledEvent(_Wire):
+    """One training example on ``freshrec.events`` (key = user id)."""
+
+    event_id: Id
+    ts: Timestamp
+    user_id: Id
+    item_id: Id
+    label: Annotated[int, Field(ge=0, le=1)]
+    features: Features = Field(default_factory=dict)
+    request_id: Id | None = None
+    context: BanditContext | None = None
+    # Synthetic streams carry the true click probability so evaluations can compute regret.
+    p_true: Annotated[float, Field(ge=0, le=1)] | None = None
+    # Set by the joiner when negatives were down-sampled: the rate at which this one was kept.
+    sample_rate: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class ShownItem(_Wire):
+    """One candidate as shown: what the server scored and why."""
+
+    item_id: Id
+    position: Annotated[int, Field(ge=0)]
+    score: float
+    pctr: float
+    bonus: float = 0.0
+    explored: bool = False
+    features: Features = Field(default_factory=dict)
+
+
+class Impression(_Wire):
+    """What one ``/v1/score`` response showed, logged to ``freshrec.impressions``."""
+
+    request_id: Id
+    ts: Timestamp
+    user_id: Id
+    model_version: int
+    features: Features = Field(default_factory=dict)
+    items: Annotated[list[ShownItem], Field(max_length=10_000)]
+    context: BanditContext | None = None
+
+
+class Click(_Wire):
+    """A bare click on ``freshrec.clicks``: joined to its impression by the joiner."""
+
+    event_id: Id
+    ts: Timestamp
+    user_id: Id
+    item_id: Id
+    request_id: Id | None = None
+
+
+class EventRejected(ValueError):
+    """A message failed validation; ``reason`` is one line naming the field."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: ``field.path: message``, at most three, for DLQ headers and 4xx."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_labeled_event(raw: bytes) -> LabeledEvent:
+    """Parse one Kafka message value; raise :class:`EventRejected` with the reason."""
+    try:
+        return LabeledEvent.model_validate_json(raw)
+    except ValidationError as exc:
+        raise EventRejected(describe_validation_error(exc)) from None
+    except ValueError as exc:  # not JSON at all
+        raise EventRejected(f"<root>: not valid JSON ({exc})") from None

@@ -1,0 +1,123 @@
+"""Every Prometheus metric freshrec exports, in one place.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` in base units). Label sets
+are bounded: slot names, partitions, outcomes, routes and status codes, never IDs. Each process
+registers only the group it uses, in its own registry, so tests can build several in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
+
+@dataclass
+class TrainerMetrics:
+    """Online trainer: consumption, learning quality, table health, publishing, checkpoints."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r, p = self.registry, "freshrec_trainer_"
+        self.events = Counter(p + "events_total", "Events consumed, by outcome.", ["outcome"],
+                              registry=r)
+        self.batches = Counter(p + "batches_total", "Training batches applied.", registry=r)
+        self.batch_seconds = Histogram(p + "batch_seconds", "Wall time of one whole batch.",
+                                       buckets=_STEP_BUCKETS, registry=r)
+        self.step_seconds = Histogram(p + "step_seconds", "Wall time of forward+backward+update.",
+                                      buckets=_STEP_BUCKETS, registry=r)
+        self.auc = Gauge(p + "progressive_auc", "Windowed progressive-validation AUC.", registry=r)
+        self.logloss = Gauge(p + "progressive_logloss", "Windowed progressive logloss.",
+                             registry=r)
+        self.calibration = Gauge(p + "progressive_calibration",
+                                 "Windowed mean prediction / observed positive rate.", registry=r)
+        self.table_rows = Gauge(p + "table_rows", "Live rows per slot.", ["slot"], registry=r)
+        self.table_bytes = Gauge(p + "table_bytes", "Bytes held per slot table.", ["slot"],
+                                 registry=r)
+        self.admitted = Gauge(p + "table_admitted_total", "IDs admitted per slot (cumulative).",
+                              ["slot"], registry=r)
+        self.evicted = Gauge(p + "table_evicted_total", "Rows evicted per slot (cumulative).",
+                             ["slot"], registry=r)
+        self.rejected = Gauge(p + "table_rejected_total",
+                              "Lookups of not-yet-admitted IDs per slot (cumulative).",
+                              ["slot"], registry=r)
+        self.lag = Gauge(p + "consumer_lag", "Messages behind the high watermark.", ["partition"],
+                         registry=r)
+        self.event_time = Gauge(p + "last_event_timestamp_seconds",
+                                "Event time of the newest trained event.", registry=r)
+        self.publish_seconds = Histogram(p + "publish_seconds", "Wall time of one publish.",
+                                         buckets=_STEP_BUCKETS, registry=r)
+        self.publish_rows = Histogram(p + "publish_rows", "Rows written per publish.",
+                                      buckets=(0, 10, 100, 1e3, 1e4, 1e5, 1e6), registry=r)
+        self.publishes = Counter(p + "publishes_total", "Publishes, by kind (delta/full/dense).",
+                                 ["kind"], registry=r)
+        self.snapshot_version = Gauge(p + "snapshot_version", "Last published version.",
+                                      registry=r)
+        self.last_publish = Gauge(p + "last_publish_timestamp_seconds",
+                                  "Wall time of the last publish.", registry=r)
+        self.last_checkpoint = Gauge(p + "last_checkpoint_timestamp_seconds",
+                                     "Wall time of the last durable checkpoint.", registry=r)
+        self.checkpoint_seconds = Histogram(p + "checkpoint_seconds", "Wall time of a checkpoint.",
+                                            buckets=(0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30),
+                                            registry=r)
+        self.bandit_items = Gauge(p + "bandit_items", "Items with exploration statistics.",
+                                  registry=r)
+
+
+@dataclass
+class JoinerMetrics:
+    """Online joiner: impressions + clicks -> labeled examples."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r, p = self.registry, "freshrec_joiner_"
+        self.impressions = Counter(p + "impressions_total", "Impressions consumed.", registry=r)
+        self.clicks = Counter(p + "clicks_total", "Clicks consumed, by outcome.", ["outcome"],
+                              registry=r)
+        self.examples = Counter(p + "examples_total", "Labeled examples emitted, by label.",
+                                ["label"], registry=r)
+        self.pending = Gauge(p + "window_pending", "Shown items waiting in the window.",
+                             registry=r)
+        self.join_delay = Histogram(p + "join_delay_seconds",
+                                    "Event-time delay from impression to emitted example.",
+                                    buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
+                                    registry=r)
+
+
+@dataclass
+class ServiceMetrics:
+    """Scoring service: latency, load, snapshot freshness, exploration, impressions."""
+
+    slo_seconds: float = 0.02
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r, p = self.registry, "freshrec_service_"
+        buckets = sorted({0.001, 0.002, 0.005, 0.01, self.slo_seconds, 0.05, 0.1, 0.25, 0.5, 1.0})
+        self.request_seconds = Histogram(p + "request_seconds", "Request wall time by route.",
+                                         ["route"], buckets=buckets, registry=r)
+        self.responses = Counter(p + "responses_total", "Responses by route and status.",
+                                 ["route", "status"], registry=r)
+        self.candidates = Histogram(p + "candidates", "Candidates per score request.",
+                                    buckets=(1, 10, 50, 100, 200, 500, 1000, 5000), registry=r)
+        self.snapshot_version = Gauge(p + "snapshot_version", "Version of the served snapshot.",
+                                      registry=r)
+        self.snapshot_age = Gauge(p + "snapshot_age_seconds",
+                                  "Seconds since the served snapshot was published.", registry=r)
+        self.snapshot_updates = Counter(p + "snapshot_updates_total",
+                                        "Update-stream entries applied, by kind.", ["kind"],
+                                        registry=r)
+        self.ready = Gauge(p + "ready", "1 once a valid snapshot is loaded.", registry=r)
+        self.impressions = Counter(p + "impressions_total", "Impressions by outcome.",
+                                   ["outcome"], registry=r)
+        self.explored_items = Counter(p + "explored_items_total",
+                                      "Served items promoted by exploration.", registry=r)
+        self.served_items = Counter(p + "served_items_total", "Served items.", registry=r)
+        self.bonus = Histogram(p + "exploration_bonus", "Exploration bonus of served items.",
+                               buckets=(0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)
+        self.events_accepted = Counter(p + "events_total", "Events accepted on /v1/events.",
+                                       registry=r)

@@ -1,0 +1,127 @@
+"""Process settings: one typed object, read from ``FRESHREC_*`` environment variables.
+
+Every default lives here and points at the embedded local stack (``freshrec dev up``), so a
+developer runs the pipeline with no configuration, and an operator overrides exactly the keys
+that differ in production (Kafka bootstrap, Redis URL, ...). Unknown ``FRESHREC_*`` variables are
+rejected, because a misspelt override that silently does nothing is worse than a start-up error.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "FRESHREC_"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def default_model_config_path() -> Path:
+    """The MovieLens model config shipped inside the package."""
+    return Path(str(resources.files("freshrec") / "configs" / "movielens.toml"))
+
+
+class Settings(BaseSettings):
+    """All knobs of every freshrec process; each field is ``FRESHREC_<FIELD NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- infrastructure -------------------------------------------------------------------
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    redis_url: str = "redis://127.0.0.1:16379/0"
+    topic_events: str = "freshrec.events"
+    topic_impressions: str = "freshrec.impressions"
+    topic_clicks: str = "freshrec.clicks"
+    topic_dlq: str = "freshrec.events.dlq"
+    topic_partitions: PositiveInt = 4
+    data_dir: Path = Path("var")
+
+    # --- model ----------------------------------------------------------------------------
+    model_name: str = "movielens"
+    model_config_path: Path = Field(default_factory=default_model_config_path)
+
+    # --- trainer --------------------------------------------------------------------------
+    trainer_group_id: str = "freshrec-trainer"
+    trainer_batch_max_events: PositiveInt = 2048
+    trainer_batch_max_wait_ms: PositiveInt = 20
+    trainer_checkpoint_dir: Path = Path("var/checkpoints")
+    trainer_checkpoint_interval_s: PositiveFloat = 30.0
+    trainer_publish_interval_ms: PositiveInt = 200
+    trainer_dense_publish_interval_s: PositiveFloat = 3.0
+    trainer_sweep_interval_s: PositiveFloat = 5.0
+    trainer_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
+    trainer_progressive_window: PositiveInt = 10_000
+    trainer_learning_rate: PositiveFloat = 0.01
+    trainer_seed: int = 0
+
+    # --- joiner ---------------------------------------------------------------------------
+    joiner_window_s: PositiveFloat = 300.0
+    joiner_negative_sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
+    joiner_max_pending: PositiveInt = 2_000_000
+
+    # --- service --------------------------------------------------------------------------
+    service_host: str = "127.0.0.1"
+    service_port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    service_max_candidates: PositiveInt = 1000
+    service_max_body_bytes: PositiveInt = 1_048_576
+    service_api_token: str | None = None
+    service_impression_queue_size: PositiveInt = 10_000
+    service_slo_seconds: PositiveFloat = 0.02
+
+    # --- exploration (Diag-LinUCB) --------------------------------------------------------
+    bandit_alpha: Annotated[float, Field(ge=0)] = 0.1
+    bandit_lambda: PositiveFloat = 1.0
+    bandit_top_k: PositiveInt = 3
+    bandit_clusters: PositiveInt = 32
+    bandit_half_life_s: Annotated[float, Field(ge=0)] = 0.0
+    bandit_explore_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+
+class SettingsError(RuntimeError):
+    """A setting could not be used; the message is one line naming the variable."""
+
+
+def _check_unknown_env(environ: dict[str, str]) -> None:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    unknown = sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
+    if unknown:
+        raise SettingsError(f"{unknown[0]}: not a freshrec setting")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment, turning validation errors into one line.
+
+    Why one line: an operator reading a crash-looping pod's log needs the variable name and the
+    reason, not a pydantic traceback.
+    """
+    _check_unknown_env(dict(os.environ))
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise SettingsError(
+            f"{ENV_PREFIX}{field.upper()}: {err['msg']} (got {err.get('input')!r})"
+        ) from None

@@ -1,0 +1,1 @@
+"""The HTTP scoring service: FastAPI over the latest Redis snapshot."""

@@ -1,0 +1,1 @@
+"""The online trainer: Kafka consumer, featurizer, CTR model, embedding tables, publisher."""
