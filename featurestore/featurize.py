@@ -65,7 +65,7 @@ class Featurizer:
         self._encoders = {s.name: self._encoder_for(s) for s in config.slots}
 
     @staticmethod
-    def _encoder_for(slot: SlotConfig):  # noqa: ANN205 - returns a closure
+    def _encoder_for(slot: SlotConfig):
         if slot.kind is SlotKind.BUCKETIZED:
             bounds = list(slot.boundaries)
 

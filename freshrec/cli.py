@@ -1,0 +1,220 @@
+"""``freshrec``: the one command line for the local stack, data, replays and every component.
+
+Configuration errors end the process with exit code 2 and one line naming the key, so an operator
+sees the cause at the top of a crash-looping pod's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+from urllib.parse import urlparse
+
+from featurestore.schema import ModelConfigError, load_model_config
+from freshrec.settings import Settings, SettingsError, load_settings
+
+
+class _Stop(Exception):
+    """Raised from the SIGTERM handler so ``finally`` blocks run."""
+
+
+def _raise_stop(_signum: int, _frame: object) -> NoReturn:
+    raise _Stop
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    print(f"freshrec: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+        load_model_config(settings.model_config_path)
+    except (SettingsError, ModelConfigError) as exc:
+        _fail(str(exc))
+    return settings
+
+
+# --- dev up -----------------------------------------------------------------------------------
+
+def cmd_dev_up(args: argparse.Namespace) -> int:
+    """Start broker + Redis (+ trainer, service, replay) and run until Ctrl-C / SIGTERM."""
+    from freshrec.devstack import LocalStack
+
+    settings = _settings()
+    external_kafka = os.environ.get("FRESHREC_KAFKA_BOOTSTRAP")
+    external_redis = os.environ.get("FRESHREC_REDIS_URL")
+    stack = LocalStack(
+        kafka_port=args.kafka_port or int(settings.kafka_bootstrap.rsplit(":", 1)[1]),
+        redis_port=args.redis_port or urlparse(settings.redis_url).port or 6379,
+        topics=(settings.topic_events, settings.topic_impressions, settings.topic_clicks,
+                settings.topic_dlq),
+        partitions=args.partitions or settings.topic_partitions,
+        log_dir=Path(args.log_dir),
+        external_kafka=external_kafka,
+        external_redis=external_redis,
+    )
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        stack.start()
+        print(f"kafka  {stack.kafka_bootstrap}" + (" (external)" if external_kafka else ""))
+        print(f"redis  {stack.redis_url}" + (" (external)" if external_redis else ""))
+        print(f"topics {', '.join(stack.topics)} ({stack.partitions} partitions)")
+        for component in args.components:
+            stack.spawn_component(component, component)
+            print(f"{component:<6} started (log: {Path(args.log_dir) / (component + '.log')})")
+        if "service" in args.components:
+            print(f"service http://{settings.service_host}:{settings.service_port}/docs")
+        if "trainer" in args.components:
+            print(f"trainer metrics http://127.0.0.1:{settings.trainer_metrics_port}/metrics")
+        if args.replay != "none":
+            summary = _run_replay(args.replay, stack.kafka_bootstrap, settings, args)
+            print(summary.line())
+            if summary.failed:
+                return 1
+        if args.exit_after_replay:
+            return 0
+        print("stack is up; Ctrl-C to stop", flush=True)
+        while True:
+            problem = stack.check_children()
+            if problem:
+                _fail(problem, code=1)
+            time.sleep(0.5)
+    except (KeyboardInterrupt, _Stop):
+        return 0
+    finally:
+        stack.stop()
+        print("stack stopped", file=sys.stderr)
+
+
+# --- data and replays -------------------------------------------------------------------------
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    """Fetch and verify MovieLens-100K into the cache; print where it is."""
+    from freshrec.data import DataError, fetch_movielens
+
+    try:
+        print(fetch_movielens(Path(args.path) if args.path else None))
+    except DataError as exc:
+        _fail(str(exc), code=1)
+    return 0
+
+
+def _run_replay(source: str, bootstrap: str, settings: Settings, args: argparse.Namespace):
+    from freshrec.replay import replay
+
+    limit = getattr(args, "limit", None)
+    if source == "movielens":
+        from freshrec.data import fetch_movielens, load_movielens
+
+        ml = load_movielens(fetch_movielens(Path(args.path) if args.path else None))
+        total = len(ml) if limit is None else min(limit, len(ml))
+        events = ml.events(limit)
+    else:
+        from freshrec.synthetic import SyntheticConfig, SyntheticStream
+
+        total = limit or args.events
+        config = SyntheticConfig(seed=args.seed, drift_period_s=args.drift_period,
+                                 new_items_per_s=args.new_items_per_s)
+        events = SyntheticStream(config).events(total)
+    return replay(events, bootstrap, settings.topic_events, total=total, speed=args.speed,
+                  max_rate=args.max_rate, progress=not args.quiet)
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Replay MovieLens or the synthetic stream into ``freshrec.events``."""
+    settings = _settings()
+    from freshrec.kafka import create_topics
+
+    create_topics(settings.kafka_bootstrap, [settings.topic_events], settings.topic_partitions)
+    summary = _run_replay(args.source, settings.kafka_bootstrap, settings, args)
+    print(summary.line())
+    for err in summary.errors:
+        print(f"  delivery error: {err}", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+# --- components -------------------------------------------------------------------------------
+
+def _component(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        settings = _settings()
+        import importlib
+
+        entry = getattr(importlib.import_module(module), func)
+        signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            return int(entry(settings) or 0)
+        except (KeyboardInterrupt, _Stop):
+            return 0
+
+    return run
+
+
+def _add_replay_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--path", help="local MovieLens copy (GroupLens or RecBole layout)")
+    p.add_argument("--speed", type=float, default=None, help="event-time seconds per wall second")
+    p.add_argument("--max-rate", type=float, default=None, help="events per wall second")
+    p.add_argument("--limit", type=int, default=None, help="stop after this many events")
+    p.add_argument("--events", type=int, default=1_000_000, help="synthetic: how many events")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: random seed")
+    p.add_argument("--drift-period", type=float, default=0.0,
+                   help="synthetic: seconds of event time for a full rotation of tastes")
+    p.add_argument("--new-items-per-s", type=float, default=2.0,
+                   help="synthetic: new items per second of event time")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="freshrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="the embedded local stack").add_subparsers(
+        dest="dev_command", required=True)
+    up = dev.add_parser("up", help="start broker, Redis and the pipeline")
+    up.add_argument("--partitions", type=int, default=None)
+    up.add_argument("--replay", choices=["movielens", "synthetic", "none"], default="none")
+    up.add_argument("--components", nargs="*", default=["trainer", "service"],
+                    choices=["trainer", "service", "joiner"])
+    up.add_argument("--log-dir", default="var/log")
+    up.add_argument("--kafka-port", type=int, default=None, help="local broker port")
+    up.add_argument("--redis-port", type=int, default=None, help="local Redis port")
+    up.add_argument("--exit-after-replay", action="store_true")
+    _add_replay_args(up)
+    up.set_defaults(func=cmd_dev_up)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command",
+                                                                    required=True)
+    fetch = data.add_parser("fetch", help="fetch and verify a data set into the cache")
+    fetch.add_argument("dataset", choices=["movielens-100k"])
+    fetch.add_argument("--path", default=None)
+    fetch.set_defaults(func=cmd_data_fetch)
+
+    rp = sub.add_parser("replay", help="replay a stream into Kafka")
+    rp.add_argument("source", choices=["movielens", "synthetic"])
+    _add_replay_args(rp)
+    rp.set_defaults(func=cmd_replay)
+
+    for name, module, func in (("trainer", "trainer.main", "run"),
+                               ("service", "service.main", "run"),
+                               ("joiner", "trainer.joiner_main", "run")):
+        sub.add_parser(name, help=f"run the {name}").set_defaults(func=_component(module, func))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``freshrec`` command."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

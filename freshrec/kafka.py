@@ -1,0 +1,127 @@
+"""Kafka plumbing shared by every process: client configs, topic creation, delivery checking.
+
+Configs use the real librdkafka keys. Producers are idempotent (``enable.idempotence``) so a
+retried send cannot duplicate or reorder a partition's messages; consumers never auto-commit,
+because the trainer commits only offsets covered by a durable checkpoint.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def producer_config(bootstrap: str, **extra: object) -> dict[str, object]:
+    """An idempotent, batching producer."""
+    conf: dict[str, object] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "batch.num.messages": 10_000,
+        "compression.type": "lz4",
+        "queue.buffering.max.messages": 1_000_000,
+        "message.timeout.ms": 30_000,
+    }
+    conf.update(extra)
+    return conf
+
+
+def consumer_config(bootstrap: str, group_id: str, **extra: object) -> dict[str, object]:
+    """A manually committing consumer that starts at the earliest offset of a new group."""
+    conf: dict[str, object] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 10,
+        "fetch.min.bytes": 1,
+        "queued.max.messages.kbytes": 262_144,
+        "session.timeout.ms": 10_000,
+        "partition.assignment.strategy": "cooperative-sticky",
+    }
+    conf.update(extra)
+    return conf
+
+
+def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> None:
+    """Block until the broker answers a metadata request, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    # Wait for the listening socket first: librdkafka logs every refused connection.
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            admin.list_topics(timeout=2)
+            return
+        except KafkaException as exc:
+            last = exc
+            time.sleep(0.2)
+    raise TimeoutError(f"Kafka at {bootstrap} did not answer within {timeout:.0f}s: {last}")
+
+
+def create_topics(bootstrap: str, topics: list[str], partitions: int,
+                  timeout: float = 30.0) -> None:
+    """Create ``topics`` if missing (existing ones are left as they are)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [NewTopic(t, num_partitions=partitions, replication_factor=1)
+              for t in topics if t not in existing]
+    if not wanted:
+        return
+    for topic, future in admin.create_topics(wanted, operation_timeout=timeout).items():
+        try:
+            future.result(timeout=timeout)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"creating topic {topic}: {exc}") from exc
+    # Metadata propagates asynchronously; wait until every topic shows all its partitions.
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        md = admin.list_topics(timeout=timeout).topics
+        if all(t in md and len(md[t].partitions) == partitions for t in topics
+               if t not in existing):
+            return
+        time.sleep(0.1)
+
+
+@dataclass
+class DeliveryTracker:
+    """Counts delivery reports so that a failed send is an error, not silence."""
+
+    delivered: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def __call__(self, err: KafkaError | None, _msg: object) -> None:
+        if err is None:
+            self.delivered += 1
+        else:
+            self.failed += 1
+            if len(self.errors) < 10:
+                self.errors.append(str(err))
+
+
+def produce_all(producer: Producer, topic: str, messages: list[tuple[bytes, bytes]],
+                tracker: DeliveryTracker) -> None:
+    """Produce (key, value) pairs, polling on back-pressure; does not flush."""
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=tracker)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.poll(0)

@@ -1,0 +1,43 @@
+"""Raw values become stable int64 IDs in one jagged batch."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from featurestore.featurize import Featurizer, encode_value, event_record
+from featurestore.schema import SlotSide, load_model_config
+from freshrec.settings import default_model_config_path
+
+
+def _featurizer() -> Featurizer:
+    return Featurizer(load_model_config(default_model_config_path()))
+
+
+def test_integers_are_their_own_id_and_strings_hash_stably() -> None:
+    assert encode_value(42) == 42
+    assert encode_value("42") == encode_value("42") != 42
+    assert 0 <= encode_value("u42") < 2**63
+
+
+def test_jagged_batch_has_one_bag_per_record_and_empty_bags_for_missing_values() -> None:
+    records = [
+        event_record("u1", "m1", {"genres": ["Action", "Drama"], "age": "30"}),
+        event_record("u2", "m2", {"genres": []}),
+        event_record("u1", "m3", {"genres": ["Action"], "age": 70}),
+    ]
+    batch = _featurizer().featurize(records)
+    assert batch.size == 3
+    genres = batch.slots["genres"]
+    assert genres.lengths.tolist() == [2, 0, 1]
+    assert genres.ids[0] == genres.ids[2] == encode_value("Action")
+    assert batch.slots["age"].lengths.tolist() == [1, 0, 1]
+    assert batch.slots["age"].ids.tolist() == [2, 6]  # 25 <= 30 < 35; 70 beyond the last bound
+    user = batch.slots["user"]
+    assert user.ids[0] == user.ids[2] != user.ids[1]
+
+
+def test_side_selects_only_that_sides_slots() -> None:
+    f = _featurizer()
+    batch = f.featurize([event_record("u1", "m1", {})], side=SlotSide.ITEM)
+    assert set(batch.slots) == {s.name for s in f.config.slots if s.side is SlotSide.ITEM}
+    assert batch.slots["item"].ids.dtype == np.int64

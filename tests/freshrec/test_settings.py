@@ -1,0 +1,80 @@
+"""Bad settings and bad model configs stop start-up with one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featurestore.schema import ModelConfigError, load_model_config
+from freshrec.cli import main
+from freshrec.settings import SettingsError, default_model_config_path, load_settings
+
+
+def test_defaults_point_at_the_embedded_stack() -> None:
+    settings = load_settings()
+    assert settings.kafka_bootstrap.startswith("127.0.0.1:")
+    assert settings.redis_url.startswith("redis://127.0.0.1:")
+    assert load_model_config(default_model_config_path()).name == "movielens"
+
+
+def test_env_overrides_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRESHREC_TRAINER_BATCH_MAX_EVENTS", "512")
+    assert load_settings().trainer_batch_max_events == 512
+
+
+def test_bad_env_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRESHREC_TRAINER_BATCH_MAX_EVENTS", "-3")
+    with pytest.raises(SettingsError, match=r"^FRESHREC_TRAINER_BATCH_MAX_EVENTS: .*-3"):
+        load_settings()
+
+
+def test_unknown_env_variable_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRESHREC_KAFKA_BOOTSTRAPS", "x:1")
+    with pytest.raises(SettingsError, match="FRESHREC_KAFKA_BOOTSTRAPS: not a freshrec setting"):
+        load_settings()
+
+
+def test_cli_prints_one_line_for_a_bad_env_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FRESHREC_REDIS_URL", "localhost:6379")
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "synthetic", "--events", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("freshrec: FRESHREC_REDIS_URL:")
+
+
+def test_cli_prints_one_line_for_a_bad_model_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "model.toml"
+    bad.write_text(default_model_config_path().read_text().replace("dim = 16", "dim = 0", 1))
+    monkeypatch.setenv("FRESHREC_MODEL_CONFIG_PATH", str(bad))
+    with pytest.raises(SystemExit) as exc:
+        main(["replay", "synthetic", "--events", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "slots.0.dim" in err[0] and "greater than or equal to 1" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('kind = "bucketized"\nboundaries = [18, 25, 35, 45, 50, 56]',
+                             'kind = "bucketized"'), "need 'boundaries'"),
+        (lambda t: t.replace('name = "gender"', 'name = "user"'), "duplicate slot names"),
+        (lambda t: t.replace('kind = "multi_valued"', 'kind = "multi"'), "slots.6.kind"),
+        (lambda t: t + "\n[[slots]\n", "not valid TOML"),
+        (lambda t: t.replace('source = "item_id"', 'source = "movie"'), "item_id"),
+    ],
+)
+def test_model_config_errors_name_the_key(tmp_path: Path, edit, message: str) -> None:
+    path = tmp_path / "model.toml"
+    path.write_text(edit(default_model_config_path().read_text()))
+    with pytest.raises(ModelConfigError, match=message) as exc:
+        load_model_config(path)
+    assert "\n" not in str(exc.value)

@@ -1,0 +1,70 @@
+"""``freshrec dev up`` brings the stack up and leaves no process behind after SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from freshrec.devstack import free_port, wait_for_redis
+from freshrec.kafka import wait_for_broker
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process whose ancestry leads to ``pid``."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_dev_up_serves_and_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
+    kafka_port, redis_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "freshrec.cli", "dev", "up", "--components",
+         "--kafka-port", str(kafka_port), "--redis-port", str(redis_port),
+         "--log-dir", str(tmp_path / "logs")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        wait_for_broker(f"127.0.0.1:{kafka_port}", timeout=60)
+        wait_for_redis(f"redis://127.0.0.1:{redis_port}/0", timeout=60)
+        deadline = time.monotonic() + 30
+        children: set[int] = set()
+        while time.monotonic() < deadline and len(children) < 2:
+            children = descendants(proc.pid)
+            time.sleep(0.1)
+        assert len(children) >= 2  # broker and redis
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "kafka  127.0.0.1:" in out and "stack stopped" in out
+    time.sleep(0.2)
+    assert not [pid for pid in children if alive(pid)]
