@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     trainer_progressive_window: PositiveInt = 10_000
     trainer_learning_rate: PositiveFloat = 0.01
     trainer_seed: int = 0
+    # Append every applied event id to this file (debugging, delivery audits); off by default.
+    trainer_audit_log: Path | None = None
 
     # --- joiner ---------------------------------------------------------------------------
     joiner_window_s: PositiveFloat = 300.0

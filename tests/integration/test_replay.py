@@ -7,7 +7,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from freshrec.data import DataError, fetch_movielens, load_movielens
 from freshrec.devstack import free_port
@@ -15,32 +15,16 @@ from freshrec.kafka import consumer_config
 from freshrec.replay import replay
 from freshrec.settings import Settings
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
+from tests.integration.kafka_helpers import read_topic
 
 SHARED_COPY = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 
 pytestmark = pytest.mark.integration
 
 
-def consume_all(settings: Settings, topic: str, expected: int, idle_s: float = 5.0
-                ) -> list[dict]:
-    """Read a topic from the start until ``expected`` messages or ``idle_s`` of silence."""
-    consumer = Consumer(consumer_config(settings.kafka_bootstrap, f"count-{topic}"))
-    # Assign rather than subscribe: no group join to wait for, and every partition from 0.
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    out: list[dict] = []
-    idle = 0.0
-    try:
-        while len(out) < expected and idle < idle_s:
-            msgs = consumer.consume(10_000, timeout=0.5)
-            idle = 0.0 if msgs else idle + 0.5
-            out.extend(orjson.loads(m.value()) for m in msgs if not m.error())
-        # Anything beyond ``expected`` would be a duplicate: give it a moment to show up.
-        out.extend(orjson.loads(m.value()) for m in consumer.consume(10_000, timeout=1.0)
-                   if not m.error())
-    finally:
-        consumer.close()
-    return out
+def consume_all(settings: Settings, topic: str, expected: int) -> list[dict]:
+    """Every message of ``topic`` as parsed JSON."""
+    return [orjson.loads(m.value()) for m in read_topic(settings.kafka_bootstrap, topic, expected)]
 
 
 def movielens_dir() -> Path:

@@ -1,0 +1,318 @@
+"""The online trainer's loop: consume a batch, dead-letter the bad, learn from the good, repeat.
+
+Per batch (up to ``trainer_batch_max_events`` messages or ``trainer_batch_max_wait_ms``): parse
+and validate every message (a bad one goes to the DLQ with the reason and its source
+partition/offset in headers), predict-then-learn on the rest (progressive metrics), update the
+exploration statistics, then give the publisher a chance to push a delta to Redis. Every
+checkpoint interval, on partition revocation and on shutdown: a durable checkpoint holding the
+state and the next offset of every partition, *then* the offsets are committed to Kafka.
+
+Single-threaded by design: the embedding tables have one writer, and the publisher gathers
+changes between batches on the same thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+
+from featurestore.events import EventRejected, LabeledEvent, parse_labeled_event
+from featurestore.featurize import event_record
+from featurestore.schema import ModelConfig
+from featurestore.table import TableSet
+from freshrec.kafka import DeliveryTracker, consumer_config, producer_config
+from freshrec.metrics import TrainerMetrics
+from freshrec.settings import Settings
+from trainer.checkpoint import Checkpointer, load_arrays, save_arrays
+from trainer.learner import OnlineLearner
+from trainer.model import (
+    load_model_arrays,
+    load_optimizer_arrays,
+    model_arrays,
+    optimizer_arrays,
+)
+from trainer.progressive import ProgressiveWindow
+
+log = logging.getLogger("freshrec.trainer")
+
+MAX_DLQ_VALUE_BYTES = 256 * 1024
+
+
+class BatchHook(Protocol):
+    """Something that learns from each trained batch too (exploration statistics)."""
+
+    def on_batch(self, events: list[LabeledEvent], learner: OnlineLearner) -> None: ...
+    def save(self, directory: Path) -> None: ...
+    def load(self, directory: Path) -> None: ...
+
+
+class PublishHook(Protocol):
+    """The snapshot publisher, driven from the training thread between batches."""
+
+    def maybe_publish(self, now: float | None = None) -> bool: ...
+    def close(self) -> None: ...
+
+
+class Trainer:
+    """Consumes ``topic_events``, trains, dead-letters, checkpoints and commits."""
+
+    def __init__(self, settings: Settings, config: ModelConfig,
+                 metrics: TrainerMetrics | None = None,
+                 hooks: list[BatchHook] | None = None) -> None:
+        self.settings = settings
+        self.config = config
+        self.metrics = metrics or TrainerMetrics()
+        self.learner = OnlineLearner(config, seed=settings.trainer_seed)
+        self.window = ProgressiveWindow(settings.trainer_progressive_window)
+        self.hooks: list[BatchHook] = list(hooks or [])
+        self.publisher: PublishHook | None = None
+        self.checkpointer = Checkpointer(settings.trainer_checkpoint_dir)
+        # (topic, partition) -> next offset to consume; what checkpoints store and commit.
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.trained = 0
+        self.dead_lettered = 0
+        self.max_event_ts = 0.0
+        self._restored_offsets: dict[tuple[str, int], int] = {}
+        self._dlq_tracker = DeliveryTracker()
+        self._dlq = Producer(producer_config(settings.kafka_bootstrap))
+        self._consumer = Consumer(consumer_config(
+            settings.kafka_bootstrap, settings.trainer_group_id,
+            # Eager assignment: on_assign receives the full assignment, which we seek to the
+            # checkpoint's offsets before any message is fetched.
+            **{"partition.assignment.strategy": "range"}))
+        self._last_checkpoint = time.monotonic()
+        self._last_sweep = time.monotonic()
+        self._last_gauges = 0.0
+        self._audit = None
+        if settings.trainer_audit_log is not None:
+            settings.trainer_audit_log.parent.mkdir(parents=True, exist_ok=True)
+            self._audit = open(settings.trainer_audit_log, "ab")  # noqa: SIM115
+
+    # --- state ---------------------------------------------------------------------------
+
+    @property
+    def tables(self) -> TableSet:
+        return self.learner.tables
+
+    def restore(self) -> bool:
+        """Load the latest checkpoint (state + offsets); False if there is none."""
+        ckpt = self.checkpointer.latest()
+        if ckpt is None:
+            return False
+        if ckpt.manifest.get("schema_hash") != self.config.schema_hash:
+            raise RuntimeError(f"{ckpt.path}: written for another model config "
+                               f"({ckpt.manifest.get('schema_hash')} != {self.config.schema_hash})")
+        self.learner.tables = TableSet.load(ckpt.path / "tables", self.config)
+        load_model_arrays(self.learner.model, load_arrays(ckpt.path / "dense"))
+        load_optimizer_arrays(self.learner.optimizer, load_arrays(ckpt.path / "optimizer"),
+                              orjson.loads((ckpt.path / "optimizer" / "param_groups.json")
+                                           .read_bytes()))
+        for i, hook in enumerate(self.hooks):
+            hook.load(ckpt.path / f"hook-{i}")
+        self.offsets = {(t, p): o for t, parts in ckpt.offsets.items() for p, o in parts.items()}
+        self._restored_offsets = dict(self.offsets)
+        self.max_event_ts = float(ckpt.manifest.get("max_event_ts", 0.0))
+        log.info("restored %s (offsets %s)", ckpt.path.name, self.offsets)
+        return True
+
+    def checkpoint(self) -> None:
+        """Durable checkpoint of everything, then commit its offsets to Kafka."""
+        started = time.perf_counter()
+        # Dead letters must be durable before the offsets that skip their sources are.
+        self._dlq.flush(30)
+        if self._dlq_tracker.failed:
+            raise RuntimeError(f"dead-letter delivery failed: {self._dlq_tracker.errors[:3]}")
+        learner = self.learner
+        opt_arrays, opt_meta = optimizer_arrays(learner.optimizer)
+        writers: dict[str, Callable[[Path], None]] = {
+            "tables": learner.tables.save,
+            "dense": lambda d: save_arrays(d, model_arrays(learner.model)),
+            "optimizer": lambda d: (save_arrays(d, opt_arrays),
+                                    (d / "param_groups.json").write_bytes(orjson.dumps(opt_meta))),
+        }
+        for i, hook in enumerate(self.hooks):
+            writers[f"hook-{i}"] = hook.save
+        offsets: dict[str, dict[str, int]] = {}
+        for (topic, partition), offset in self.offsets.items():
+            offsets.setdefault(topic, {})[str(partition)] = offset
+        ckpt = self.checkpointer.save(writers, {
+            "offsets": offsets, "schema_hash": self.config.schema_hash,
+            "max_event_ts": self.max_event_ts, "trained": self.trained,
+        })
+        if self.offsets:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o)
+                                           for (t, p), o in self.offsets.items()],
+                                  asynchronous=False)
+        self._last_checkpoint = time.monotonic()
+        self.metrics.last_checkpoint.set(time.time())
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+
+    # --- Kafka ---------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            restored = self.offsets.get((tp.topic, tp.partition))
+            if restored is not None:
+                tp.offset = restored
+        consumer.assign(partitions)
+        log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.offsets:
+            self.checkpoint()
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        self.offsets = {k: v for k, v in self.offsets.items() if k not in revoked}
+        consumer.unassign()
+
+    def _dead_letter(self, msg: Message, reason: str) -> None:
+        value = msg.value() or b""
+        headers = [("reason", reason.encode()[:1024]),
+                   ("source_topic", msg.topic().encode()),
+                   ("source_partition", str(msg.partition()).encode()),
+                   ("source_offset", str(msg.offset()).encode())]
+        if len(value) > MAX_DLQ_VALUE_BYTES:  # keep the DLQ producible; the reason says why
+            headers.append(("truncated_from_bytes", str(len(value)).encode()))
+            value = value[:MAX_DLQ_VALUE_BYTES]
+        while True:
+            try:
+                self._dlq.produce(self.settings.topic_dlq, value=value, key=msg.key(),
+                                  headers=headers, on_delivery=self._dlq_tracker)
+                break
+            except BufferError:
+                self._dlq.poll(0.05)
+        self.dead_lettered += 1
+        self.metrics.events.labels("dead_lettered").inc()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def process(self, messages: list[Message]) -> int:
+        """Parse, dead-letter, learn; returns the number of events trained."""
+        events: list[LabeledEvent] = []
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err)
+                continue
+            self.offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+            try:
+                events.append(parse_labeled_event(msg.value() or b""))
+            except EventRejected as exc:
+                self._dead_letter(msg, exc.reason)
+        if events:
+            self.learn(events)
+        self._dlq.poll(0)
+        return len(events)
+
+    def learn(self, events: list[LabeledEvent]) -> None:
+        """Predict-then-learn on validated events; update hooks and metrics."""
+        started = time.perf_counter()
+        records = [event_record(e.user_id, e.item_id, e.features) for e in events]
+        labels = np.fromiter((e.label for e in events), dtype=np.float64, count=len(events))
+        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
+        offsets = None
+        if any(e.sample_rate is not None for e in events):
+            # Negatives kept at rate r shift the training odds by 1/r: learn on logit - log r
+            # so the served logit stays calibrated (Monolith's log-odds correction).
+            offsets = np.array([-math.log(e.sample_rate or 1.0) for e in events])
+        result = self.learner.step(records, labels, ts, logit_offset=offsets)
+        step_seconds = time.perf_counter() - started
+        for hook in self.hooks:
+            hook.on_batch(events, self.learner)
+        self.window.add(labels, result.probs)
+        self.trained += len(events)
+        self.max_event_ts = max(self.max_event_ts, float(ts.max()))
+        self.metrics.events.labels("trained").inc(len(events))
+        self.metrics.batches.inc()
+        self.metrics.step_seconds.observe(step_seconds)
+        self.metrics.event_time.set(self.max_event_ts)
+        if self._audit is not None:
+            self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in events))
+            self._audit.flush()
+
+    def _update_gauges(self) -> None:
+        scores = self.window.scores()
+        if not math.isnan(scores.auc):
+            self.metrics.auc.set(scores.auc)
+        if not math.isnan(scores.logloss):
+            self.metrics.logloss.set(scores.logloss)
+        if not math.isnan(scores.calibration):
+            self.metrics.calibration.set(scores.calibration)
+        for slot, st in self.tables.stats().items():
+            self.metrics.table_rows.labels(slot).set(st.rows)
+            self.metrics.table_bytes.labels(slot).set(st.bytes)
+            self.metrics.admitted.labels(slot).set(st.admitted_total)
+            self.metrics.evicted.labels(slot).set(st.evicted_total)
+            self.metrics.rejected.labels(slot).set(st.rejected_total)
+        try:
+            for tp in self._consumer.assignment():
+                _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
+                nxt = self.offsets.get((tp.topic, tp.partition))
+                if high >= 0 and nxt is not None:
+                    self.metrics.lag.labels(str(tp.partition)).set(max(0, high - nxt))
+        except Exception as exc:  # noqa: BLE001 - lag is best effort, never fatal
+            log.debug("lag unavailable: %s", exc)
+
+    def housekeeping(self, force_checkpoint: bool = False) -> None:
+        """Publish, sweep expired rows, refresh gauges, checkpoint when due."""
+        now = time.monotonic()
+        if self.publisher is not None:
+            self.publisher.maybe_publish()
+        if now - self._last_sweep >= self.settings.trainer_sweep_interval_s and self.max_event_ts:
+            self.tables.sweep_expired(self.max_event_ts)
+            self._last_sweep = now
+        if now - self._last_gauges >= 1.0:
+            self._update_gauges()
+            self._last_gauges = now
+        if force_checkpoint or (
+                now - self._last_checkpoint >= self.settings.trainer_checkpoint_interval_s
+                and self.offsets):
+            self.checkpoint()
+
+    def run(self, stop: threading.Event | None = None, max_events: int | None = None) -> None:
+        """Consume until ``stop`` is set (or ``max_events`` trained); checkpoint on the way out."""
+        stop = stop or threading.Event()
+        self._consumer.subscribe([self.settings.topic_events], on_assign=self._on_assign,
+                                 on_revoke=self._on_revoke)
+        wait = self.settings.trainer_batch_max_wait_ms / 1000.0
+        size = self.settings.trainer_batch_max_events
+        try:
+            while not stop.is_set():
+                started = time.perf_counter()
+                messages = self._consumer.consume(num_messages=size, timeout=wait)
+                if messages:
+                    self.process(messages)
+                    self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                self.housekeeping()
+                if max_events is not None and self.trained + self.dead_lettered >= max_events:
+                    break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Final checkpoint and commit, then release Kafka and the publisher."""
+        try:
+            if self.offsets:
+                self.checkpoint()
+        finally:
+            if self.publisher is not None:
+                self.publisher.close()
+            self._consumer.close()
+            self._dlq.flush(10)
+            if self._audit is not None:
+                self._audit.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs and the CLI summary."""
+        s = self.window.scores()
+        return {"trained": self.trained, "dead_lettered": self.dead_lettered,
+                "auc": s.auc, "logloss": s.logloss, "calibration": s.calibration}

@@ -1,0 +1,122 @@
+"""The dense CTR network over pooled slot embeddings, and its safe (no-pickle) serialization.
+
+The model sees one vector per slot (the mean of the slot's embeddings for that example, zeros for
+an empty bag or an unadmitted ID) and returns a logit. Embedding rows live in the embedding
+tables, not here, so this module is the same in the trainer and in the service, and a snapshot
+is just "dense arrays + table rows".
+
+Architectures (``[dense] arch`` in the model config):
+
+* ``dcn`` (default): DCN-v2 (Wang et al. 2021) — full-rank cross layers ``x_{l+1} = x0 * (W x_l
+  + b) + x_l`` beside an MLP, a strong default for sparse categorical data at tiny cost.
+* ``deepfm``: pairwise FM interactions between slot vectors beside an MLP.
+* ``lr``: a linear model over the pooled vectors (a baseline).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurestore.schema import ModelConfig
+
+
+def _mlp(width: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    return nn.Sequential(*layers), width
+
+
+class CTRModel(nn.Module):
+    """Logit of p(click) from pooled per-slot embeddings ``(batch, sum of slot dims)``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.arch = config.dense.arch
+        self.slot_dims = [s.dim for s in config.slots]
+        width = sum(self.slot_dims)
+        self.bias = nn.Parameter(torch.zeros(1))
+        if self.arch == "lr":
+            self.linear = nn.Linear(width, 1)
+            return
+        self.mlp, mlp_out = _mlp(width, config.dense.hidden)
+        head_in = mlp_out
+        if self.arch == "dcn":
+            self.cross = nn.ModuleList(nn.Linear(width, width)
+                                       for _ in range(config.dense.cross_layers))
+            head_in += width
+        else:  # deepfm: FM over slots projected to a shared width
+            self.fm_dim = min(self.slot_dims)
+            self.fm_proj = nn.ModuleList(nn.Linear(d, self.fm_dim, bias=False)
+                                         for d in self.slot_dims)
+            self.linear = nn.Linear(width, 1)
+            head_in += 1
+        self.head = nn.Linear(head_in, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape ``(batch,)``."""
+        if self.arch == "lr":
+            return self.linear(x).squeeze(-1) + self.bias
+        deep = self.mlp(x)
+        if self.arch == "dcn":
+            xl = x
+            for layer in self.cross:
+                xl = x * layer(xl) + xl
+            return self.head(torch.cat([deep, xl], dim=-1)).squeeze(-1) + self.bias
+        parts = torch.split(x, self.slot_dims, dim=-1)
+        v = torch.stack([p(part) for p, part in zip(self.fm_proj, parts, strict=True)], dim=1)
+        fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1, keepdim=True)
+        return (self.head(torch.cat([deep, fm], dim=-1)).squeeze(-1)
+                + self.linear(x).squeeze(-1) + self.bias)
+
+
+def make_dense_optimizer(model: CTRModel, config: ModelConfig) -> torch.optim.Optimizer:
+    """The optimizer of the dense weights named by the model config."""
+    lr = config.dense.learning_rate
+    if config.dense.optimizer == "adagrad":
+        return torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=0.1)
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
+    """Dense weights as named float32 numpy arrays (copies)."""
+    return {k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+            for k, v in model.state_dict().items()}
+
+
+def load_model_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load named arrays into ``model``; names and shapes must match exactly."""
+    state = model.state_dict()
+    if set(arrays) != set(state):
+        missing, extra = set(state) - set(arrays), set(arrays) - set(state)
+        raise ValueError(f"weights do not match the model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(extra)}")
+    for name, tensor in state.items():
+        value = arrays[name]
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: shape {value.shape} != {tuple(tensor.shape)}")
+    model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))
+                           for k, v in arrays.items()})
+
+
+def optimizer_arrays(optimizer: torch.optim.Optimizer) -> tuple[dict[str, np.ndarray], dict]:
+    """Optimizer state as arrays plus JSON-able metadata (for checkpoints, without pickle)."""
+    sd = optimizer.state_dict()
+    arrays: dict[str, np.ndarray] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            arrays[f"{pid}.{key}"] = torch.as_tensor(value).detach().cpu().numpy()
+    return arrays, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer_arrays(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray],
+                          meta: dict) -> None:
+    """Inverse of :func:`optimizer_arrays`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in arrays.items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = torch.from_numpy(np.array(value))
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
