@@ -144,7 +144,7 @@ class Trainer:
         offsets: dict[str, dict[str, int]] = {}
         for (topic, partition), offset in self.offsets.items():
             offsets.setdefault(topic, {})[str(partition)] = offset
-        ckpt = self.checkpointer.save(writers, {
+        self.checkpointer.save(writers, {
             "offsets": offsets, "schema_hash": self.config.schema_hash,
             "max_event_ts": self.max_event_ts, "trained": self.trained,
         })
@@ -259,7 +259,7 @@ class Trainer:
                 nxt = self.offsets.get((tp.topic, tp.partition))
                 if high >= 0 and nxt is not None:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, high - nxt))
-        except Exception as exc:  # noqa: BLE001 - lag is best effort, never fatal
+        except Exception as exc:
             log.debug("lag unavailable: %s", exc)
 
     def housekeeping(self, force_checkpoint: bool = False) -> None:

@@ -27,7 +27,7 @@ def build_trainer(settings: Settings, metrics: TrainerMetrics | None = None) -> 
     return trainer
 
 
-def _hooks(settings: Settings, config):  # noqa: ANN001, ANN202
+def _hooks(settings: Settings, config):
     try:
         from trainer.exploration import ExplorationHook
     except ImportError:
@@ -35,7 +35,7 @@ def _hooks(settings: Settings, config):  # noqa: ANN001, ANN202
     return [ExplorationHook.from_settings(settings, config)]
 
 
-def _publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics):  # noqa: ANN202
+def _publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics):
     try:
         from trainer.publisher import make_publisher
     except ImportError:
