@@ -194,6 +194,7 @@ class JoinerCounts:
     impressions: int = 0
     duplicate_impressions: int = 0
     impressions_rejected: int = 0
+    impressions_too_late: int = 0
     clicks_joined: int = 0
     clicks_duplicate: int = 0
     clicks_orphan: int = 0
@@ -277,6 +278,9 @@ class Joiner:
         self.max_join_delays = int(max_join_delays)
 
         self._watermark = -math.inf
+        # Newest ts among forgotten tombstones: an unknown request at or before it might be a
+        # redelivery we can no longer recognise, so it is dropped rather than labeled twice.
+        self._forgotten_ts = -math.inf
         self._seq = 0
         self._counts = JoinerCounts()
         self._pending = 0  # shown items in open records
@@ -329,12 +333,19 @@ class Joiner:
         """Open the window for every item shown by one response.
 
         A request id seen before (open or still tombstoned) is a redelivery: dropped and
-        counted. Raises :class:`EventRejected` if merging request and item features would exceed
-        the wire limit, because the emitted examples would then be rejected by the trainer.
+        counted. An unknown request no newer than the newest forgotten tombstone is dropped as
+        ``impressions_too_late``: it may be a redelivery whose tombstone was pruned, and a
+        second label would break exactly-once (its window is long closed anyway).
+
+        Raises :class:`EventRejected` if merging request and item features would exceed the wire
+        limit, because the emitted examples would then be rejected by the trainer.
         """
         rid = imp.request_id
         if rid in self._requests:
             self._counts.duplicate_impressions += 1
+            return
+        if imp.ts <= self._forgotten_ts:
+            self._counts.impressions_too_late += 1
             return
         n_req = len(imp.features)
         if n_req:
@@ -386,11 +397,15 @@ class Joiner:
         clicks = rec.clicks
         if clicks is None:
             clicks = rec.clicks = {}
-        elif iid in clicks:
+        in_window = rec.open and click.ts < rec.ts + self.window_s
+        state = clicks.get(iid)
+        # A late click seen first does not hide an in-window click that arrives after it (out of
+        # order), as long as the item is still pending: the label is what happened in the window.
+        if state == _CLICKED or (state == _LATE and not in_window):
             c.clicks_duplicate += 1
             return ClickResult(ClickOutcome.DUPLICATE, [], rec.request_id)
         eid = example_id(rec.request_id, iid)
-        if rec.open and click.ts < rec.ts + self.window_s:
+        if in_window:
             clicks[iid] = _CLICKED
             c.clicks_joined += 1
             self._record_delay(max(0.0, click.ts - rec.ts), 1)
@@ -514,6 +529,8 @@ class Joiner:
         tombs, cap = self._tombs, self.max_tombstones
         while tombs and (len(tombs) > cap or tombs[0].ts + horizon <= wm):
             rec = tombs.popleft()
+            if rec.ts > self._forgotten_ts:
+                self._forgotten_ts = rec.ts
             if self._requests.get(rec.request_id) is rec:
                 del self._requests[rec.request_id]
             recs = self._by_user.get(rec.user_id)
@@ -561,6 +578,7 @@ class Joiner:
             "version": STATE_VERSION,
             "config": self._config(),
             "watermark": None if wm == -math.inf else wm,
+            "forgotten_ts": None if self._forgotten_ts == -math.inf else self._forgotten_ts,
             "seq": self._seq,
             "counts": asdict(self._counts),
             "open": [{"seq": r.seq, "clicks": r.clicks, "impression": r.imp.model_dump()}
@@ -593,6 +611,8 @@ class Joiner:
         j = cls(**cfg)
         wm = doc["watermark"]
         j._watermark = -math.inf if wm is None else float(wm)
+        ft = doc["forgotten_ts"]
+        j._forgotten_ts = -math.inf if ft is None else float(ft)
         j._seq = int(doc["seq"])
         known = {f.name for f in fields(JoinerCounts)}
         j._counts = JoinerCounts(**{k: v for k, v in doc["counts"].items() if k in known})
