@@ -87,3 +87,21 @@ def settings(stack: LocalStack, names: Names, tmp_path) -> Settings:
 def redis_client(stack: LocalStack) -> redis.Redis:
     """A client of the session Redis."""
     return redis.Redis.from_url(stack.redis_url)
+
+
+def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:
+    """Environment for a freshrec subprocess configured exactly like ``settings``."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    values = settings.model_dump()
+    values.update(overrides)
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, dict)):
+            import json
+
+            value = json.dumps(value)
+        env[f"FRESHREC_{name.upper()}"] = str(value)
+    return env
