@@ -185,6 +185,15 @@ def sketch_add(sketch: np.ndarray, key: int) -> int:
 # --- deterministic initialization -------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _init_one(out: np.ndarray, i: int, key: int, dim: int, scale: float, s: np.uint64) -> None:
+    base = mix64(key) ^ s
+    for j in range(dim):
+        z = mix64(np.int64(base + np.uint64(j) * _GOLDEN))
+        u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)  # [0, 1)
+        out[i, j] = np.float32(scale * (2.0 * u - 1.0))
+
+
 @njit(cache=True)
 def init_vectors(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray:
     """Uniform(-scale, scale) vectors that are a pure function of (seed, key, coordinate).
@@ -195,9 +204,30 @@ def init_vectors(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndar
     out = np.empty((keys.shape[0], dim), dtype=np.float32)
     s = mix64(seed)
     for i in range(keys.shape[0]):
-        base = mix64(keys[i]) ^ s
-        for j in range(dim):
-            z = mix64(np.int64(base + np.uint64(j) * _GOLDEN))
-            u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)  # [0, 1)
-            out[i, j] = np.float32(scale * (2.0 * u - 1.0))
+        _init_one(out, i, keys[i], dim, scale, s)
     return out
+
+
+@njit(cache=True)
+def init_rows(
+    rows: np.ndarray,
+    row_ids: np.ndarray,
+    emb: np.ndarray,
+    acc: np.ndarray,
+    acc0: float,
+    scale: float,
+    seed: int,
+) -> None:
+    """In place: ``emb[r] = init_vectors(row_ids[r])`` and every ``acc`` entry of r = acc0.
+
+    ``acc`` is 1-D (row-wise) or 2-D; pass a (0,) array when there is no accumulator.
+    """
+    s = mix64(seed)
+    dim = emb.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        _init_one(emb, r, row_ids[r], dim, scale, s)
+    if acc.shape[0] > 0:
+        flat = acc.reshape(acc.shape[0], -1)
+        for i in range(rows.shape[0]):
+            flat[rows[i], :] = acc0

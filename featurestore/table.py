@@ -345,10 +345,13 @@ class EmbeddingTable:
         """Rows allocated (live + free + never used)."""
         return self._rows["row_ids"].shape[0]
 
-    def _grow_rows(self) -> None:
+    def _grow_rows(self, at_least: int = 0) -> None:
         # Doubling: amortized O(1) per insert; the worst single call copies every used row once.
         n_used = int(self._state[_N_USED])
-        new = self._alloc_rows(self.capacity * 2)
+        cap = self.capacity * 2
+        while cap < at_least:
+            cap *= 2
+        new = self._alloc_rows(cap)
         for k, a in self._rows.items():
             new[k][:n_used] = a[:n_used]
         self._rows = new
@@ -365,19 +368,36 @@ class EmbeddingTable:
 
     def _reset_rows(self, rows: np.ndarray) -> None:
         """Fresh embedding and optimizer state for newly created (possibly reused) rows."""
-        c = self.config
-        ids = self._rows["row_ids"][rows]
-        w = self.initial_vectors(ids)
-        self._rows["emb"][rows] = w
-        if c.optimizer == "adagrad":
-            self._rows["acc"][rows] = np.float32(c.initial_accumulator)
-        elif c.optimizer == "ftrl":
-            self._rows["ftrl_n"][rows] = np.float32(c.initial_accumulator)
-            self._rows["ftrl_z"][rows] = opt.ftrl_z_for_weights(
+        c, a = self.config, self._rows
+        if c.optimizer == "ftrl":
+            w = self.initial_vectors(a["row_ids"][rows])
+            a["emb"][rows] = w
+            a["ftrl_n"][rows] = np.float32(c.initial_accumulator)
+            a["ftrl_z"][rows] = opt.ftrl_z_for_weights(
                 w, c.initial_accumulator, c.learning_rate, c.ftrl_beta, c.ftrl_l1, c.ftrl_l2
             )
+            return
+        acc = a["acc"] if c.optimizer == "adagrad" else np.empty(0, np.float32)
+        hm.init_rows(rows, a["row_ids"], a["emb"], acc, c.initial_accumulator, c.init_scale, c.seed)
 
     # ---- public API --------------------------------------------------------------------------
+
+    def reserve(self, rows: int) -> None:
+        """Allocate and pre-fault room for ``rows`` live rows now rather than mid-training.
+
+        Growth otherwise happens inside :meth:`lookup`: a doubling copy plus the kernel
+        zero-filling fresh pages, which on the benchmark VM runs at only ~0.4 GB/s and so
+        dominates insert cost (see docs/embedding-table.md). Reserving trades that for RSS
+        held up front.
+        """
+        rows = min(int(rows), self.config.max_rows + 65536)
+        if rows > self.capacity:
+            self._grow_rows(rows)
+        n_used = int(self._state[_N_USED])
+        for a in self._rows.values():
+            a[n_used:rows] = 0  # touch the pages so the OS backs them now
+        if rows > self._index.shape[0] * hm.MAX_LOAD:
+            self._grow_index(rows)
 
     def initial_vectors(self, ids: np.ndarray) -> np.ndarray:
         """The vectors a row starts (and restarts after reuse) with: Uniform(±init_scale).
@@ -595,6 +615,8 @@ class EmbeddingTable:
             "config": asdict(self.config),
             "version": self.version,
             "capacity": self.capacity,
+            "free_capacity": self._free.shape[0],
+            "new_rows_capacity": self._new_rows.shape[0],
             "evicted_total": self._evicted_total,
             "deletion_versions": self._deletions.versions,
             "deletions_trimmed_upto": self._deletions.trimmed_upto,
@@ -622,7 +644,8 @@ class EmbeddingTable:
             t._rows[k][:n_used] = arr(f"row_{k}")
         t._index = arr("index")
         free = arr("free")
-        t._free = np.empty(_pow2_at_least(max(free.size, 1)), dtype=np.int64)
+        t._free = np.empty(meta["free_capacity"], dtype=np.int64)
+        t._new_rows = np.empty(meta["new_rows_capacity"], dtype=np.int64)
         t._free[: free.size] = free
         t._pend_keys, t._pend_vals, t._sketch = arr("pend_keys"), arr("pend_vals"), arr("sketch")
         versions = meta["deletion_versions"]
