@@ -31,6 +31,7 @@ result obtained under the lock stays valid and unchanged after the lock is relea
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -262,6 +263,26 @@ def _evict_kernel(
     return out
 
 
+def _load_malloc_trim():  # returns a ctypes function, or None off glibc
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand the arrays replaced by a growth step back to the OS.
+
+    Arrays under glibc's (adaptive, up to 32 MB) mmap threshold come from the heap, and a
+    freed old copy there stays resident: measured +20 bytes per live ID at 1 M rows.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(4, (int(n) - 1).bit_length())
 
@@ -355,10 +376,12 @@ class EmbeddingTable:
         for k, a in self._rows.items():
             new[k][:n_used] = a[:n_used]
         self._rows = new
+        _release_freed_memory()
 
     def _grow_index(self, live_needed: int) -> None:
         self._index = np.full(_pow2_at_least(live_needed / hm.MAX_LOAD), -1, dtype=np.int32)
         hm.index_rebuild(self._index, self._rows["row_ids"], int(self._state[_N_USED]))
+        _release_freed_memory()
 
     def _grow_pending(self) -> None:
         keys = np.full(self._pend_keys.shape[0] * 2, EMPTY_ID, dtype=np.int64)
