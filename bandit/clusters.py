@@ -1,0 +1,127 @@
+"""Online mini-batch k-means over user embeddings: the coordinates of the Diag-LinUCB context.
+
+Sculley (2010), "Web-scale k-means clustering": each centre keeps a count ``v`` and moves towards
+every point assigned to it with learning rate ``1/v``. Within one mini-batch the points are assigned
+with the centres as they were at the start of the batch, so the per-point updates of one centre
+telescope into a running mean, ``c <- (v*c + sum(x)) / (v + n)``, which we compute in one
+vectorised step. Counts never decay, so a centre's learning rate falls as ``1/v`` and its index
+keeps its meaning once the statistics keyed on it have accumulated.
+
+All-zero rows (users without an embedding yet) are ignored: they would otherwise capture a
+centre of their own that means "no information".
+
+>>> import numpy as np
+>>> km = OnlineKMeans(n_clusters=2, dim=2, seed=0)
+>>> X = np.array([[0, 0.1], [0, -0.1], [10, 0.1], [10, -0.1]], dtype=np.float32)
+>>> km.partial_fit(X)
+>>> sorted(np.round(km.centroids[:, 0]).tolist())
+[0.0, 10.0]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class OnlineKMeans:
+    """Mini-batch k-means with per-centre ``1/count`` learning rates, fed one batch at a time.
+
+    Centres are initialised by k-means++ on the first points seen. If fewer distinct points than
+    ``n_clusters`` have arrived, only that many centres exist (``n_initialized``) and the rest are
+    filled by k-means++ sampling from later batches; ``centroids`` returns only the initialised
+    ones, so cluster indices ``0..n_initialized-1`` are always valid and never change meaning.
+    """
+
+    def __init__(self, n_clusters: int, dim: int, seed: int = 0) -> None:
+        if n_clusters < 1 or dim < 1:
+            raise ValueError("n_clusters and dim must be >= 1")
+        self.n_clusters = n_clusters
+        self.dim = dim
+        self._rng = np.random.default_rng(seed)
+        self._centers = np.zeros((n_clusters, dim), dtype=np.float64)
+        self._counts = np.zeros(n_clusters, dtype=np.int64)
+        self._n_init = 0
+
+    @property
+    def n_initialized(self) -> int:
+        """How many centres exist so far (``n_clusters`` once enough distinct points arrived)."""
+        return self._n_init
+
+    @property
+    def centroids(self) -> np.ndarray:
+        """The initialised centres, float32 ``(n_initialized, dim)`` (a copy)."""
+        return self._centers[: self._n_init].astype(np.float32)
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Points absorbed by each initialised centre, int64 ``(n_initialized,)`` (a copy)."""
+        return self._counts[: self._n_init].copy()
+
+    def _seed_centers(self, X: np.ndarray) -> np.ndarray:
+        """k-means++ from ``X`` until all centres exist; return the points not used as seeds."""
+        used = np.zeros(len(X), dtype=bool)
+        while self._n_init < self.n_clusters:
+            if self._n_init == 0:
+                i = int(self._rng.integers(len(X)))
+            else:
+                c = self._centers[: self._n_init]
+                d2 = ((X[:, None, :] - c[None, :, :]) ** 2).sum(-1).min(1)
+                d2[used] = 0.0
+                total = d2.sum()
+                if total <= 1e-12:  # every remaining point duplicates a centre
+                    break
+                i = int(self._rng.choice(len(X), p=d2 / total))
+            self._centers[self._n_init] = X[i]
+            self._counts[self._n_init] = 1
+            used[i] = True
+            self._n_init += 1
+            if used.all():
+                break
+        return X[~used]
+
+    def partial_fit(self, X: np.ndarray) -> None:
+        """Absorb one mini-batch of points ``float[n, dim]``; all-zero rows are skipped."""
+        X = np.asarray(X, dtype=np.float64).reshape(-1, self.dim)
+        X = X[np.isfinite(X).all(1) & (np.abs(X).sum(1) > 0)]
+        if len(X) == 0:
+            return
+        if self._n_init < self.n_clusters:
+            X = self._seed_centers(X)
+            if len(X) == 0:
+                return
+        labels = self.predict(X)
+        n = np.bincount(labels, minlength=self._n_init).astype(np.float64)
+        sums = np.zeros((self._n_init, self.dim))
+        np.add.at(sums, labels, X)
+        hit = n > 0
+        v = self._counts[: self._n_init].astype(np.float64)
+        c = self._centers[: self._n_init]
+        c[hit] = (v[hit, None] * c[hit] + sums[hit]) / (v[hit] + n[hit])[:, None]
+        self._counts[: self._n_init] += n.astype(np.int64)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Index of the nearest initialised centre for each row, int64 ``(n,)``."""
+        if self._n_init == 0:
+            raise ValueError("no centres yet: call partial_fit with non-zero points first")
+        X = np.asarray(X, dtype=np.float64).reshape(-1, self.dim)
+        c = self._centers[: self._n_init]
+        d2 = (X * X).sum(1)[:, None] - 2.0 * X @ c.T + (c * c).sum(1)[None, :]
+        return d2.argmin(1).astype(np.int64)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for checkpoints (``np.savez``, Redis); no pickle needed to restore."""
+        return {
+            "centers": self._centers.copy(),
+            "counts": self._counts.copy(),
+            "n_init": np.array(self._n_init, dtype=np.int64),
+        }
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], seed: int = 0) -> OnlineKMeans:
+        """Rebuild from :meth:`to_arrays` output."""
+        centers = np.asarray(arrays["centers"], dtype=np.float64)
+        km = cls(centers.shape[0], centers.shape[1], seed=seed)
+        km._centers[:] = centers
+        km._counts[:] = np.asarray(arrays["counts"], dtype=np.int64)
+        km._n_init = int(arrays["n_init"])
+        return km
