@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     joiner_window_s: PositiveFloat = 300.0
     joiner_negative_sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
     joiner_max_pending: PositiveInt = 2_000_000
+    joiner_lateness_s: Annotated[float, Field(ge=0)] = 2.0
+    joiner_group_id: str = "freshrec-joiner"
+    joiner_checkpoint_dir: Path = Path("var/joiner-checkpoints")
+    joiner_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9102
 
     # --- service --------------------------------------------------------------------------
     service_host: str = "127.0.0.1"

@@ -79,6 +79,11 @@ def settings(stack: LocalStack, names: Names, tmp_path) -> Settings:
         trainer_group_id=f"{names.prefix}-trainer",
         trainer_checkpoint_dir=tmp_path / "checkpoints",
         trainer_metrics_port=0,
+        joiner_group_id=f"{names.prefix}-joiner",
+        joiner_checkpoint_dir=tmp_path / "joiner-checkpoints",
+        joiner_metrics_port=0,
+        joiner_window_s=5.0,
+        joiner_lateness_s=0.5,
         data_dir=tmp_path,
     )
 

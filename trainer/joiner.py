@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 import xxhash
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from featurestore.events import (
     MAX_FEATURES,
@@ -46,9 +46,10 @@ from featurestore.events import (
     BanditContext,
     Click,
     EventRejected,
+    Features,
+    Id,
     Impression,
     LabeledEvent,
-    ShownItem,
 )
 
 STATE_VERSION = 1
@@ -106,8 +107,10 @@ def keep_negative(event_id: str, sample_rate: float, seed: int = 0) -> bool:
 # --------------------------------------------------------------------------------------------
 # fast construction of already-validated events
 
-_FIELDS_POS = frozenset(
-    ("event_id", "ts", "user_id", "item_id", "label", "features", "request_id", "context"))
+# Shared by every fast-built event: safe because LabeledEvent is frozen (pydantic never mutates the
+# set in place; model_copy copies it first), and it saves an allocation per example.
+_FIELDS_POS = {"event_id", "ts", "user_id", "item_id", "label", "features", "request_id",
+               "context"}
 _FIELDS_NEG = _FIELDS_POS | {"sample_rate"}
 _new_event = LabeledEvent.__new__
 _set_attr = object.__setattr__
@@ -131,7 +134,7 @@ def _event_fast(event_id: str, ts: float, user_id: str, item_id: str, label: int
         "event_id": event_id, "ts": ts, "user_id": user_id, "item_id": item_id, "label": label,
         "features": features, "request_id": request_id, "context": context, "p_true": None,
         "sample_rate": sample_rate})
-    _set_fields_set(e, set(_FIELDS_NEG if sample_rate is not None else _FIELDS_POS))
+    _set_fields_set(e, _FIELDS_NEG if sample_rate is not None else _FIELDS_POS)
     _set_extra(e, None)
     _set_private(e, None)
     return e
@@ -211,29 +214,69 @@ class _Request:
 
     One record per request, not per item: the window opens and closes for all items of a
     request together, so expiry costs one heap operation per request instead of per item.
+    Only what a label needs is kept (ids, times, feature dicts, the bandit context), not the
+    parsed Impression: every object held here is rescanned by CPython's cyclic GC for as long
+    as the window lasts, and that, not the join itself, dominated the measured cost.
     """
 
-    __slots__ = ("clicks", "imp", "items", "open", "request_id", "seq", "ts", "user_id")
+    __slots__ = ("clicks", "context", "features", "items", "model_version", "open",
+                 "request_id", "seq", "ts", "user_id")
 
-    def __init__(self, request_id: str, ts: float, user_id: str, seq: int,
-                 imp: Impression | None, items: dict[str, ShownItem | None]) -> None:
+    def __init__(self, request_id: str, ts: float, user_id: str, model_version: int, seq: int,
+                 features: Features | None, context: BanditContext | None,
+                 items: dict[str, Features | None]) -> None:
         self.request_id = request_id
         self.ts = ts
         self.user_id = user_id
+        self.model_version = model_version  # kept for the state; LabeledEvent has no field yet
         self.seq = seq  # arrival order: the tie-breaker that makes expiry order total
-        self.imp = imp  # None once closed without late corrections: features are not needed
-        self.items = items  # item_id -> ShownItem (first occurrence wins), or None when closed
+        self.features = features  # request features; None once closed without corrections
+        self.context = context
+        self.items = items  # item_id -> item features (first occurrence wins); None when closed
         self.clicks: dict[str, int] | None = None  # item_id -> _CLICKED | _LATE, created lazily
         self.open = True
 
+    def close(self, keep_features: bool) -> None:
+        self.open = False
+        if not keep_features:  # a tombstone needs ids and click flags only
+            self.features = None
+            self.context = None
+            self.items = dict.fromkeys(self.items)
 
-def _shown_items(imp: Impression) -> dict[str, ShownItem | None]:
-    items: dict[str, ShownItem | None] = {it.item_id: it for it in imp.items}
+    def to_json(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "ts": self.ts, "user_id": self.user_id,
+                "model_version": self.model_version, "seq": self.seq, "open": self.open,
+                "features": self.features,
+                "context": None if self.context is None else self.context.model_dump(),
+                "items": list(self.items.items()), "clicks": self.clicks}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _Request:
+        # A checkpoint is trusted less than code: re-validate what would go on the wire.
+        has_features = d["features"] is not None
+        items = {_ID.validate_python(iid): _FEATURES.validate_python(f) if has_features else None
+                 for iid, f in d["items"]}
+        rec = cls(_ID.validate_python(d["request_id"]), float(d["ts"]),
+                  _ID.validate_python(d["user_id"]), int(d["model_version"]), int(d["seq"]),
+                  _FEATURES.validate_python(d["features"]) if has_features else None,
+                  None if d["context"] is None else BanditContext.model_validate(d["context"]),
+                  items)
+        rec.clicks = d["clicks"]
+        rec.open = bool(d["open"])
+        return rec
+
+
+_FEATURES: TypeAdapter[dict[str, Any]] = TypeAdapter(Features)
+_ID: TypeAdapter[str] = TypeAdapter(Id)
+
+
+def _shown_items(imp: Impression) -> dict[str, Features | None]:
+    items: dict[str, Features | None] = {it.item_id: it.features for it in imp.items}
     if len(items) != len(imp.items):
         # An item listed twice in one response is one shown item: keep its first position.
         items = {}
         for it in imp.items:
-            items.setdefault(it.item_id, it)
+            items.setdefault(it.item_id, it.features)
     return items
 
 
@@ -359,7 +402,8 @@ class Joiner:
         items = _shown_items(imp)
         seq = self._seq
         self._seq = seq + 1
-        rec = _Request(rid, imp.ts, imp.user_id, seq, imp, items)
+        rec = _Request(rid, imp.ts, imp.user_id, imp.model_version, seq, imp.features,
+                       imp.context, items)
         self._requests[rid] = rec
         heapq.heappush(self._heap, (imp.ts + self.window_s, seq, rec))
         by_user = self._by_user.get(imp.user_id)
@@ -409,11 +453,14 @@ class Joiner:
             clicks[iid] = _CLICKED
             c.clicks_joined += 1
             self._record_delay(max(0.0, click.ts - rec.ts), 1)
+            # Positives carry the stream's negative rate too: the log-odds correction applies to
+            # every example of a down-sampled stream, not only to the negatives.
+            rate = self.negative_sample_rate if self.negative_sample_rate < 1.0 else None
             return ClickResult(ClickOutcome.JOINED,
-                               [self._example(rec, iid, eid, click.ts, 1, None)], rec.request_id)
+                               [self._example(rec, iid, eid, click.ts, 1, rate)], rec.request_id)
         clicks[iid] = _LATE
         c.clicks_late += 1
-        if not (self.emit_late_corrections and rec.imp is not None):
+        if not (self.emit_late_corrections and rec.features is not None):
             return ClickResult(ClickOutcome.LATE, [], rec.request_id)
         c.late_corrections += 1
         eid = eid + _LATE_SUFFIX
@@ -467,18 +514,13 @@ class Joiner:
 
     def _example(self, rec: _Request, iid: str, eid: str, ts: float, label: int,
                  sample_rate: float | None) -> LabeledEvent:
-        imp = rec.imp
-        assert imp is not None and rec.items is not None
-        item = rec.items[iid]
-        assert item is not None
-        feats = imp.features | item.features if item.features else dict(imp.features)
-        return _make_event(eid, ts, rec.user_id, iid, label, feats, rec.request_id, imp.context,
-                           sample_rate)
+        req_feats, f = rec.features, rec.items[iid]
+        assert req_feats is not None and f is not None
+        return _make_event(eid, ts, rec.user_id, iid, label, req_feats | f if f else
+                           dict(req_feats), rec.request_id, rec.context, sample_rate)
 
     def _close(self, rec: _Request, now: float, out: list[LabeledEvent]) -> int:
         """Emit the negatives of one record and turn it into a tombstone; returns items closed."""
-        imp = rec.imp
-        assert imp is not None
         items = rec.items
         clicks = rec.clicks
         rate = self.negative_sample_rate
@@ -488,20 +530,21 @@ class Joiner:
         # Label time: when the negative became certain. Independent of the advance() cadence,
         # so a restored joiner and an uninterrupted one emit identical events.
         ts = rec.ts + self.window_s
-        rid, uid, ctx, req_feats = rec.request_id, rec.user_id, imp.context, imp.features
+        rid, uid, ctx, req_feats = rec.request_id, rec.user_id, rec.context, rec.features
+        assert req_feats is not None
+        make, append, threshold = _make_event, out.append, rate * _U64
         emitted = dropped = 0
-        for iid, item in items.items():
+        for iid, f in items.items():  # open records map item id -> item features
             if clicks is not None and clicks.get(iid) == _CLICKED:
                 continue
             eid = f"{rid}:{iid}"
             if len(eid) > MAX_ID_LEN:
                 eid = _hashed_id(eid)
-            if sampled and xxhash.xxh64_intdigest(eid.encode(), seed) >= rate * _U64:
+            if sampled and xxhash.xxh64_intdigest(eid.encode(), seed) >= threshold:
                 dropped += 1
                 continue
-            assert item is not None
-            feats = req_feats | item.features if item.features else dict(req_feats)
-            out.append(_make_event(eid, ts, uid, iid, 0, feats, rid, ctx, sample_rate))
+            append(make(eid, ts, uid, iid, 0, req_feats | f if f else dict(req_feats), rid, ctx,
+                        sample_rate))
             emitted += 1
         c = self._counts
         c.negatives_emitted += emitted
@@ -510,10 +553,7 @@ class Joiner:
             self._record_delay(max(0.0, now - rec.ts), emitted)
         n = len(items)
         self._pending -= n
-        rec.open = False
-        if not self.emit_late_corrections:
-            rec.imp = None  # free features; ids and click flags are all a tombstone needs
-            rec.items = dict.fromkeys(items)
+        rec.close(keep_features=self.emit_late_corrections)
         self._tombs.append(rec)
         return n
 
@@ -581,9 +621,8 @@ class Joiner:
             "forgotten_ts": None if self._forgotten_ts == -math.inf else self._forgotten_ts,
             "seq": self._seq,
             "counts": asdict(self._counts),
-            "open": [{"seq": r.seq, "clicks": r.clicks, "impression": r.imp.model_dump()}
-                     for r in open_recs if r.imp is not None],
-            "tombstones": [_tomb_to_json(r) for r in self._tombs],
+            "open": [r.to_json() for r in open_recs],
+            "tombstones": [r.to_json() for r in self._tombs],
             "click_ids": list(self._click_ids.items()),
             "ready": [e.model_dump(exclude_none=True) for e in self._ready],
         })
@@ -618,19 +657,11 @@ class Joiner:
         j._counts = JoinerCounts(**{k: v for k, v in doc["counts"].items() if k in known})
         records: list[_Request] = []
         for t in doc["tombstones"]:
-            imp = Impression.model_validate(t["impression"]) if t.get("impression") else None
-            items = _shown_items(imp) if imp is not None else dict.fromkeys(t["items"])
-            rec = _Request(t["request_id"], float(t["ts"]), t["user_id"], int(t["seq"]), imp,
-                           items)
-            rec.clicks = t["clicks"]
-            rec.open = False
+            rec = _Request.from_json(t)
             j._tombs.append(rec)
             records.append(rec)
         for o in doc["open"]:
-            imp = Impression.model_validate(o["impression"])
-            rec = _Request(imp.request_id, imp.ts, imp.user_id, int(o["seq"]), imp,
-                           _shown_items(imp))
-            rec.clicks = o["clicks"]
+            rec = _Request.from_json(o)
             j._heap.append((rec.ts + j.window_s, rec.seq, rec))
             j._pending += len(rec.items)
             records.append(rec)
@@ -641,13 +672,3 @@ class Joiner:
         j._click_ids = {cid: float(seen) for cid, seen in doc["click_ids"]}
         j._ready = [LabeledEvent.model_validate(e) for e in doc["ready"]]
         return j
-
-
-def _tomb_to_json(rec: _Request) -> dict[str, Any]:
-    out: dict[str, Any] = {"request_id": rec.request_id, "ts": rec.ts, "user_id": rec.user_id,
-                           "seq": rec.seq, "clicks": rec.clicks}
-    if rec.imp is not None:
-        out["impression"] = rec.imp.model_dump()
-    else:
-        out["items"] = list(rec.items)
-    return out

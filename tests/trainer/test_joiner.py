@@ -326,7 +326,7 @@ def test_sampling_keeps_at_most_one_label_and_accounts_for_every_item(msgs, rate
     else:
         assert accounted <= len(shown)  # too-late ones may have been redeliveries
     assert all(e.sample_rate == rate for e in out if e.label == 0)
-    assert all(e.sample_rate is None for e in out if e.label == 1)
+    assert all(e.sample_rate == rate for e in out if e.label == 1)  # correction applies to all
 
 
 # --- down-sampling and calibration -----------------------------------------------------------

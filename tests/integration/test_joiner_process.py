@@ -1,0 +1,103 @@
+"""The joiner process against a real broker: labels out, orphans dead-lettered, crash-safe."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from featurestore.events import Click, Impression, ShownItem
+from freshrec.settings import Settings
+from tests.conftest import settings_env
+from tests.integration.kafka_helpers import produce, read_topic
+
+pytestmark = pytest.mark.integration
+
+
+def impressions_and_clicks(n_requests: int, t0: float) -> tuple[list[Impression], list[Click],
+                                                                 dict[str, int]]:
+    """Requests of 4 shown items; every 3rd request's item 1 is clicked (twice: a duplicate)."""
+    imps, clicks, expected = [], [], {}
+    for r in range(n_requests):
+        rid, ts = f"r{r}", t0 + r * 0.01
+        items = [ShownItem(item_id=f"i{k}", position=k, score=1.0, pctr=0.1,
+                           features={"genres": ["Drama"]}) for k in range(4)]
+        imps.append(Impression(request_id=rid, ts=ts, user_id=f"u{r % 7}", model_version=1,
+                               features={"age": 30}, items=items))
+        for k in range(4):
+            expected[f"{rid}:i{k}"] = 0
+        if r % 3 == 0:
+            click = Click(event_id=f"c{r}", ts=ts + 1.0, user_id=f"u{r % 7}", item_id="i1",
+                          request_id=rid)
+            clicks += [click, click]
+            expected[f"{rid}:i1"] = 1
+    return imps, clicks, expected
+
+
+def start_joiner(env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "freshrec.cli", "joiner"], env=env,
+                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def checkpointed_offsets(settings: Settings) -> int:
+    """Messages covered by the joiner's latest checkpoint."""
+    latest = settings.joiner_checkpoint_dir / "LATEST"
+    if not latest.exists():
+        return 0
+    path = settings.joiner_checkpoint_dir / latest.read_text().strip() / "manifest.json"
+    return sum(sum(parts.values()) for parts in orjson.loads(path.read_bytes())["offsets"].values())
+
+
+def labels_by_id(settings: Settings, expected: int, idle_s: float = 8.0) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for m in read_topic(settings.kafka_bootstrap, settings.topic_events, expected, idle_s):
+        e = orjson.loads(m.value())
+        out.setdefault(e["event_id"], set()).add(e["label"])
+    return out
+
+
+def test_joiner_labels_survive_kill_9_mid_window(settings: Settings, tmp_path: Path) -> None:
+    t0 = time.time()
+    imps, clicks, expected = impressions_and_clicks(300, t0)
+    orphan = Click(event_id="orphan", ts=t0, user_id="u1", item_id="nope", request_id="r-x")
+    env = settings_env(settings, trainer_checkpoint_interval_s=0.2)
+    bootstrap = settings.kafka_bootstrap
+    produce(bootstrap, settings.topic_impressions, [i.to_json() for i in imps[:150]])
+    produce(bootstrap, settings.topic_clicks, [c.to_json() for c in clicks[:100]])
+
+    first = start_joiner(env, tmp_path / "joiner-1.log")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and checkpointed_offsets(settings) < 150:
+            time.sleep(0.1)
+        assert checkpointed_offsets(settings) >= 150, "the first joiner never checkpointed"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+    produce(bootstrap, settings.topic_impressions, [i.to_json() for i in imps[150:]])
+    produce(bootstrap, settings.topic_clicks,
+            [c.to_json() for c in clicks[100:]] + [orphan.to_json()])
+    second = start_joiner(env, tmp_path / "joiner-2.log")
+    try:
+        # A SIGKILLed member holds its partitions until its session times out (~10 s).
+        got = labels_by_id(settings, len(expected), idle_s=30.0)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+
+    # Every shown item got its label, and only that label (a crash may repeat, never flip).
+    assert set(got) == set(expected)
+    assert {k: next(iter(v)) for k, v in got.items()} == expected
+    assert all(len(v) == 1 for v in got.values())
+    dlq = read_topic(bootstrap, settings.topic_dlq, 1)
+    assert [dict(m.headers())["reason"].decode()[:12] for m in dlq] == ["orphan click"]

@@ -1,0 +1,265 @@
+"""``freshrec joiner``: impressions + clicks from Kafka -> labeled examples on ``freshrec.events``.
+
+A process of its own rather than a stage inside the trainer: the trainer's loop is CPU-bound on
+one core (torch step + table updates), the join is dict work on another, and the events topic
+between them is the durable hand-off both sides already checkpoint against. See docs/joiner.md.
+
+Time: the two topics are consumed independently, so a click can be read before its impression.
+Such a click waits (saved with the state in checkpoints) until the impressions stream passes its
+time. Windows close on the watermark: the older of the two streams' newest event times (a silent
+click stream counts as one window behind), minus ``joiner_lateness_s``. When input stops for a
+whole window while partitions are assigned, the watermark moves on with wall time, so the last
+impressions' windows still close; waiting for a partition assignment is not quiet input.
+
+Delivery: examples and dead letters are flushed before a checkpoint stores the joiner state and
+the consumed offsets, and only then are offsets committed — a crash re-reads input that the
+restored state has not seen, and the joiner's duplicate detection absorbs the overlap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import orjson
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+
+from featurestore.events import Click, Impression, LabeledEvent, describe_validation_error
+from freshrec.kafka import DeliveryTracker, consumer_config, create_topics, producer_config
+from freshrec.metrics import JoinerMetrics
+from freshrec.settings import Settings
+from trainer.checkpoint import Checkpointer
+from trainer.joiner import ClickOutcome, Joiner
+
+log = logging.getLogger("freshrec.joiner")
+_NEG_INF = float("-inf")
+
+
+def _to_json_ts(ts: float) -> float | None:
+    return None if ts == _NEG_INF else ts  # JSON has no -inf
+
+
+def _from_json_ts(ts: float | None) -> float:
+    return _NEG_INF if ts is None else float(ts)
+
+
+class JoinerProcess:
+    """The Kafka side of :class:`trainer.joiner.Joiner`."""
+
+    def __init__(self, settings: Settings, metrics: JoinerMetrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or JoinerMetrics()
+        self.joiner = Joiner(settings.joiner_window_s, settings.joiner_negative_sample_rate,
+                             settings.joiner_max_pending)
+        self.checkpointer = Checkpointer(settings.joiner_checkpoint_dir)
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.emitted = 0
+        self._max_imp_ts = _NEG_INF
+        self._max_click_ts = _NEG_INF
+        # Clicks read before the impressions stream reached their time: (ts, seq, raw message).
+        self._early: list[tuple[float, int, bytes, bytes | None, str, int, int]] = []
+        self._early_seq = 0
+        self._last_input = time.monotonic()
+        self._idle_advance = 0.0
+        self._assigned = False
+        self._tracker = DeliveryTracker()
+        self._producer = Producer(producer_config(settings.kafka_bootstrap, **{"linger.ms": 2}))
+        self._consumer = Consumer(consumer_config(
+            settings.kafka_bootstrap, settings.joiner_group_id,
+            **{"partition.assignment.strategy": "range"}))
+        self._last_checkpoint = time.monotonic()
+        self._restore()
+
+    def _restore(self) -> None:
+        ckpt = self.checkpointer.latest()
+        if ckpt is None:
+            return
+        s = self.settings
+        self.joiner = Joiner.restore((ckpt.path / "joiner" / "state.json").read_bytes(),
+                                     window_s=s.joiner_window_s,
+                                     negative_sample_rate=s.joiner_negative_sample_rate,
+                                     max_pending=s.joiner_max_pending)
+        self.offsets = {(t, p): o for t, parts in ckpt.offsets.items() for p, o in parts.items()}
+        clocks = ckpt.manifest.get("clocks", {})
+        self._max_imp_ts = _from_json_ts(clocks.get("impressions"))
+        self._max_click_ts = _from_json_ts(clocks.get("clicks"))
+        early = orjson.loads((ckpt.path / "joiner" / "early_clicks.json").read_bytes())
+        for ts, raw, key, topic, partition, offset in early:
+            self._defer(ts, raw.encode(), key.encode() if key else None, topic, partition, offset)
+        log.info("restored %s", ckpt.path.name)
+
+    def checkpoint(self) -> None:
+        """Flush outputs, store state + offsets durably, then commit the offsets."""
+        if self._producer.flush(30) or self._tracker.failed:
+            raise RuntimeError(f"joiner output delivery failed: {self._tracker.errors[:3]}")
+        state = self.joiner.state()
+        early = orjson.dumps([(ts, raw.decode(), key.decode() if key else None, t, p, o)
+                              for ts, _seq, raw, key, t, p, o in self._early])
+
+        def write(directory: Path) -> None:
+            directory.mkdir(parents=True)
+            (directory / "state.json").write_bytes(state)
+            (directory / "early_clicks.json").write_bytes(early)
+
+        offsets: dict[str, dict[str, int]] = {}
+        for (topic, partition), offset in self.offsets.items():
+            offsets.setdefault(topic, {})[str(partition)] = offset
+        clocks = {"impressions": _to_json_ts(self._max_imp_ts),
+                  "clicks": _to_json_ts(self._max_click_ts)}
+        self.checkpointer.save({"joiner": write}, {"offsets": offsets, "clocks": clocks})
+        if self.offsets:
+            self._consumer.commit(offsets=[TopicPartition(t, p, o)
+                                           for (t, p), o in self.offsets.items()],
+                                  asynchronous=False)
+        self._last_checkpoint = time.monotonic()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            restored = self.offsets.get((tp.topic, tp.partition))
+            if restored is not None:
+                tp.offset = restored
+        consumer.assign(partitions)
+        # Idle time only counts once we can read: waiting for a group join is not quiet input.
+        self._last_input = time.monotonic()
+        self._idle_advance = 0.0
+        self._assigned = True
+
+    def _produce(self, topic: str, value: bytes, key: bytes | None,
+                 headers: list[tuple[str, bytes]] | None = None) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers,
+                                       on_delivery=self._tracker)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _emit(self, events: list[LabeledEvent]) -> None:
+        topic = self.settings.topic_events
+        for event in events:
+            self._produce(topic, event.to_json(), event.user_id.encode())
+            self.metrics.examples.labels(str(event.label)).inc()
+        self.emitted += len(events)
+
+    def _dead_letter(self, raw: bytes, key: bytes | None, source: tuple[str, int, int],
+                     reason: str) -> None:
+        topic, partition, offset = source
+        self._produce(self.settings.topic_dlq, raw, key, [
+            ("reason", reason.encode()[:1024]), ("source_topic", topic.encode()),
+            ("source_partition", str(partition).encode()),
+            ("source_offset", str(offset).encode())])
+
+    def _defer(self, ts: float, raw: bytes, key: bytes | None, topic: str, partition: int,
+               offset: int) -> None:
+        heapq.heappush(self._early, (ts, self._early_seq, raw, key, topic, partition, offset))
+        self._early_seq += 1
+
+    def handle(self, msg: Message) -> None:
+        """One impression or click (a click ahead of the impressions stream waits)."""
+        self.offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+        raw = msg.value() or b""
+        source = (msg.topic(), msg.partition(), msg.offset())
+        try:
+            if msg.topic() == self.settings.topic_impressions:
+                imp = Impression.model_validate_json(raw)
+                self.joiner.add_impression(imp)
+                self.metrics.impressions.inc()
+                self._max_imp_ts = max(self._max_imp_ts, imp.ts)
+                self._release_early(self._max_imp_ts)
+                return
+            click = Click.model_validate_json(raw)
+        except ValidationError as exc:
+            self._dead_letter(raw, msg.key(), source, describe_validation_error(exc))
+            self.metrics.clicks.labels("invalid").inc()
+            return
+        self._max_click_ts = max(self._max_click_ts, click.ts)
+        if click.ts > self._max_imp_ts:
+            # Its impression may simply not have been read yet (topics are consumed
+            # independently): wait until the impressions stream passes the click's time.
+            self._defer(click.ts, raw, msg.key(), *source)
+            return
+        self._join(click, raw, msg.key(), source)
+
+    def _join(self, click: Click, raw: bytes, key: bytes | None,
+              source: tuple[str, int, int]) -> None:
+        result = self.joiner.join_click(click)
+        self.metrics.clicks.labels(result.outcome.value).inc()
+        if result.outcome is ClickOutcome.ORPHAN:
+            self._dead_letter(raw, key, source,
+                              "orphan click: no impression of this item in the window")
+        self._emit(result.events)
+
+    def _release_early(self, upto_ts: float) -> None:
+        while self._early and self._early[0][0] <= upto_ts:
+            _ts, _seq, raw, key, topic, partition, offset = heapq.heappop(self._early)
+            self._join(Click.model_validate_json(raw), raw, key, (topic, partition, offset))
+
+    def tick(self) -> None:
+        """Advance the watermark, emit closed windows, refresh gauges, checkpoint when due."""
+        now = time.monotonic()
+        idle = now - self._last_input
+        # Quiet for a whole window: nothing in flight can still join, let wall time close it.
+        quiet = max(self.settings.joiner_lateness_s, self.settings.joiner_window_s)
+        if self._assigned and idle > quiet:
+            self._idle_advance = idle - quiet
+        if self._idle_advance > 0:
+            self._release_early(float("inf"))  # quiet for a window: no impression is coming
+        # Both streams must have passed a window's end before it closes; a silent click stream
+        # is assumed at most one window behind the impressions.
+        s = self.settings
+        clicks_at = max(self._max_click_ts, self._max_imp_ts - s.joiner_window_s)
+        watermark = min(self._max_imp_ts, clicks_at) - s.joiner_lateness_s + self._idle_advance
+        self._emit(self.joiner.advance(watermark))
+        self.metrics.pending.set(self.joiner.pending)
+        for delay in self.joiner.drain_join_delays():
+            self.metrics.join_delay.observe(float(delay))
+        self._producer.poll(0)
+        if now - self._last_checkpoint >= self.settings.trainer_checkpoint_interval_s:
+            self.checkpoint()
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume both topics until ``stop``; checkpoint on the way out."""
+        s = self.settings
+        self._consumer.subscribe([s.topic_impressions, s.topic_clicks], on_assign=self._on_assign)
+        try:
+            while not stop.is_set():
+                messages = self._consumer.consume(10_000, timeout=0.05)
+                for msg in messages:
+                    err = msg.error()
+                    if err is None:
+                        self.handle(msg)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", err)
+                if messages:
+                    self._last_input = time.monotonic()
+                    self._idle_advance = 0.0
+                self.tick()
+        finally:
+            try:
+                self.checkpoint()
+            finally:
+                self._consumer.close()
+
+
+def run(settings: Settings, stop: threading.Event | None = None) -> int:
+    """Serve metrics and join until SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    create_topics(settings.kafka_bootstrap, [settings.topic_impressions, settings.topic_clicks,
+                                             settings.topic_events, settings.topic_dlq],
+                  settings.topic_partitions)
+    metrics = JoinerMetrics()
+    if settings.joiner_metrics_port:
+        start_http_server(settings.joiner_metrics_port, addr="0.0.0.0", registry=metrics.registry)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    process = JoinerProcess(settings, metrics)
+    process.run(stop)
+    log.info("joiner stopped: %s", process.joiner.counts())
+    return 0
