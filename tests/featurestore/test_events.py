@@ -7,9 +7,15 @@ import pytest
 
 from featurestore.events import EventRejected, LabeledEvent, parse_labeled_event
 
-GOOD = {"event_id": "e-1", "ts": 1700000000.25, "user_id": "u42", "item_id": "m7", "label": 1,
-        "features": {"age": "25", "gender": "F", "genres": ["Action", "Drama"], "hour": 13},
-        "request_id": "r-9"}
+GOOD = {
+    "event_id": "e-1",
+    "ts": 1700000000.25,
+    "user_id": "u42",
+    "item_id": "m7",
+    "label": 1,
+    "features": {"age": "25", "gender": "F", "genres": ["Action", "Drama"], "hour": 13},
+    "request_id": "r-9",
+}
 
 
 def test_good_event_round_trips() -> None:
@@ -46,5 +52,11 @@ def test_non_json_is_rejected_not_raised(raw: bytes) -> None:
 
 def test_unset_optionals_are_not_serialized() -> None:
     event = LabeledEvent(event_id="e", ts=1.0, user_id="u", item_id="i", label=0)
-    assert orjson.loads(event.to_json()) == {"event_id": "e", "ts": 1.0, "user_id": "u",
-                                             "item_id": "i", "label": 0, "features": {}}
+    assert orjson.loads(event.to_json()) == {
+        "event_id": "e",
+        "ts": 1.0,
+        "user_id": "u",
+        "item_id": "i",
+        "label": 0,
+        "features": {},
+    }
