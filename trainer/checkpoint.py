@@ -49,7 +49,7 @@ def save_arrays(directory: Path, arrays: dict[str, np.ndarray]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     names = sorted(arrays)
     for i, name in enumerate(names):
-        np.save(directory / f"{i}.npy", np.ascontiguousarray(arrays[name]), allow_pickle=False)
+        np.save(directory / f"{i}.npy", np.asarray(arrays[name]), allow_pickle=False)
     (directory / "arrays.json").write_text(json.dumps(names))
 
 
