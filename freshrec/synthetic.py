@@ -104,14 +104,8 @@ class SyntheticStream:
         items = np.where(fresh, newest, items)
         p = self.click_probability(users, items, ts)
         labels = (rng.random(n) < p).astype(np.int64)
-        clusters = self._user_cluster(users)
-        item_genre = _GENRES[(items * 40503 % (1 << 16)) % len(_GENRES)]
-        item_genre2 = _GENRES[np.argmax(self.item_vectors(items)[:, :len(_GENRES)], axis=1)
-                              % len(_GENRES)]
-        ages = self._cluster_age[clusters]
-        genders = _GENDERS[self._cluster_gender[clusters]]
-        occs = _OCCUPATIONS[self._cluster_occ[clusters]]
-        years = 1950 + (items % 50)
+        user_feats = self.user_features(users)
+        item_feats = self.item_features(items)
         self._emitted += n
         return [
             {
@@ -120,18 +114,29 @@ class SyntheticStream:
                 "user_id": f"u{users[i]}",
                 "item_id": f"i{items[i]}",
                 "label": int(labels[i]),
-                "features": {
-                    "age": int(ages[i]),
-                    "gender": str(genders[i]),
-                    "occupation": str(occs[i]),
-                    "zip_prefix": f"{users[i] % 100:02d}",
-                    "genres": [str(item_genre[i]), str(item_genre2[i])],
-                    "release_year": int(years[i]),
-                },
+                "features": {**user_feats[i], **item_feats[i]},
                 "p_true": float(p[i]),
             }
             for i in range(n)
         ]
+
+    def user_features(self, users: np.ndarray) -> list[dict[str, object]]:
+        """Demographics of users (drawn from their cluster, so they carry signal)."""
+        clusters = self._user_cluster(users)
+        ages = self._cluster_age[clusters]
+        genders = _GENDERS[self._cluster_gender[clusters]]
+        occs = _OCCUPATIONS[self._cluster_occ[clusters]]
+        return [{"age": int(ages[i]), "gender": str(genders[i]), "occupation": str(occs[i]),
+                 "zip_prefix": f"{users[i] % 100:02d}"} for i in range(len(users))]
+
+    def item_features(self, items: np.ndarray) -> list[dict[str, object]]:
+        """Genres (one tied to the item's latent vector) and release year of items."""
+        genre = _GENRES[(items * 40503 % (1 << 16)) % len(_GENRES)]
+        genre2 = _GENRES[np.argmax(self.item_vectors(items)[:, :len(_GENRES)], axis=1)
+                         % len(_GENRES)]
+        years = 1950 + (items % 50)
+        return [{"genres": [str(genre[i]), str(genre2[i])], "release_year": int(years[i])}
+                for i in range(len(items))]
 
     def events(self, total: int, chunk_size: int = 10_000) -> Iterator[dict[str, object]]:
         """``total`` events, generated ``chunk_size`` at a time."""
