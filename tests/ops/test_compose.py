@@ -1,0 +1,155 @@
+"""docker-compose.yml and the Dockerfile: valid, and consistent with the code's settings."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from freshrec.settings import Settings
+from tests.ops import DATASOURCE_UID, ROOT
+
+COMPOSE = ROOT / "docker-compose.yml"
+FRESHREC_SERVICES = ("trainer", "joiner", "service", "replay")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _env(compose: dict, name: str) -> dict[str, str]:
+    return {k: str(v) for k, v in compose["services"][name].get("environment", {}).items()}
+
+
+def _settings_from(env: dict[str, str]) -> Settings:
+    prefix = "FRESHREC_"
+    return Settings(**{k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)})
+
+
+def test_docker_compose_config_is_valid() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed (CI: apt-get install docker-compose)")
+    result = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_freshrec_variable_is_a_real_setting_with_a_valid_value(compose: dict) -> None:
+    known = {"FRESHREC_" + name.upper() for name in Settings.model_fields}
+    for name in FRESHREC_SERVICES:
+        env = _env(compose, name)
+        assert env, f"{name} has no FRESHREC_* environment"
+        unknown = sorted(k for k in env if k.startswith("FRESHREC_") and k not in known)
+        assert not unknown, f"{name}: not settings: {unknown}"
+        _settings_from(env)  # raises on a value the code would reject
+
+
+def test_ports_agree_between_settings_services_and_prometheus(compose: dict) -> None:
+    services = compose["services"]
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    targets = {job["job_name"]: job["static_configs"][0]["targets"][0]
+               for job in prom["scrape_configs"]}
+
+    service = _settings_from(_env(compose, "service"))
+    assert service.service_host == "0.0.0.0", "the service must listen beyond loopback"
+    assert targets["freshrec-service"] == f"service:{service.service_port}"
+    assert f":{service.service_port}/healthz" in " ".join(
+        services["service"]["healthcheck"]["test"])
+
+    trainer = _settings_from(_env(compose, "trainer"))
+    assert targets["freshrec-trainer"] == f"trainer:{trainer.trainer_metrics_port}"
+    assert f":{trainer.trainer_metrics_port}/metrics" in " ".join(
+        services["trainer"]["healthcheck"]["test"])
+
+    joiner = _settings_from(_env(compose, "joiner"))
+    assert targets["freshrec-joiner"] == f"joiner:{joiner.joiner_metrics_port}"
+
+    for name in FRESHREC_SERVICES:
+        s = _settings_from(_env(compose, name))
+        host, port = s.kafka_bootstrap.rsplit(":", 1)
+        assert host in services, f"{name}: kafka host {host} is not a compose service"
+        advertised = services[host]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        assert f"//{host}:{port}" in advertised, f"{name}: {host}:{port} is not advertised"
+        url = urlparse(s.redis_url)
+        assert url.hostname in services, f"{name}: redis host {url.hostname} not a service"
+        command = services[url.hostname]["command"]
+        assert command[command.index("--port") + 1] == str(url.port)
+
+
+def test_topics_created_by_kafka_init_match_the_settings(compose: dict) -> None:
+    script = "\n".join(compose["services"]["kafka-init"]["command"])
+    settings = _settings_from(_env(compose, "trainer"))
+    topics = re.search(r"for topic in ([^;]+);", script).group(1).split()
+    assert sorted(topics) == sorted([settings.topic_events, settings.topic_impressions,
+                                     settings.topic_clicks, settings.topic_dlq])
+    assert f"--partitions {settings.topic_partitions}" in script
+    trainer_deps = compose["services"]["trainer"]["depends_on"]
+    assert trainer_deps["kafka-init"]["condition"] == "service_completed_successfully"
+
+
+def test_start_order_is_health_gated(compose: dict) -> None:
+    services = compose["services"]
+    for name, svc in services.items():
+        for dep, cond in svc.get("depends_on", {}).items():
+            assert cond["condition"] in ("service_healthy", "service_completed_successfully"), \
+                f"{name} -> {dep} is not gated"
+            if cond["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{dep} has no health check"
+    assert "replay" in services["replay"]["profiles"]
+
+
+def test_images_are_pinned(compose: dict) -> None:
+    for name, svc in compose["services"].items():
+        image = svc.get("image", "")
+        if "build" in svc:
+            continue
+        assert ":" in image and not image.endswith(":latest"), f"{name}: unpinned {image!r}"
+    assert compose["services"]["kafka"]["image"].startswith("apache/kafka:")
+
+
+def test_grafana_provisioning_points_at_the_dashboards_and_fixed_datasource(compose: dict
+                                                                            ) -> None:
+    ds = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/freshrec.yml")
+                        .read_text())["datasources"][0]
+    assert ds["uid"] == DATASOURCE_UID
+    assert urlparse(ds["url"]).hostname in compose["services"]
+    provider = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/freshrec.yml")
+                              .read_text())["providers"][0]
+    mounts = dict(v.rsplit(":", 1)[0].split(":", 1) for v in compose["services"]["grafana"]
+                  ["volumes"] if v.startswith("./"))
+    assert mounts["./dashboards"] == provider["options"]["path"]
+
+
+# --- Dockerfile ----------------------------------------------------------------------------------
+
+def test_dockerfile_installs_cpu_torch_first_and_runs_as_non_root() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    torch = text.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
+    assert torch < text.index("pip install .")
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and not users[-1].startswith(("0", "root"))
+    assert re.search(r'^ENTRYPOINT \["freshrec"\]', text, re.M)
+
+
+def test_dockerfile_env_are_settings_and_copied_sources_are_in_the_context() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    env = dict(re.findall(r"(FRESHREC_[A-Z_]+)=(\S+)", text))
+    known = {"FRESHREC_" + name.upper() for name in Settings.model_fields}
+    assert set(env) <= known, set(env) - known
+    _settings_from(env)
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
+        for path in src.split():
+            assert (ROOT / path).exists(), f"COPY {path}: missing"
+            assert path in allowed, f"COPY {path}: excluded by .dockerignore"
+    # every package setuptools installs is copied
+    for package in ("freshrec", "featurestore", "trainer", "service", "bandit"):
+        assert package in allowed
