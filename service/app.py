@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any
 
 import orjson
@@ -23,9 +24,9 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from featurestore.events import Features, Id, LabeledEvent
+from featurestore.events import BanditContext, Features, Id, LabeledEvent
 from featurestore.schema import ModelConfig, load_model_config
 from featurestore.snapshot_store import AsyncSnapshotReader
 from freshrec.kafka import producer_config
@@ -45,8 +46,48 @@ _ROUTES = ("/v1/score", "/v1/events", "/v1/model", "/healthz", "/readyz", "/metr
 # ---- API models (the contract and the OpenAPI documentation) ---------------------------------
 
 
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_feature_values(features: dict[str, Any]) -> dict[str, Any]:
+    """Feature values must become int64 IDs and serialize to JSON: bound ints, finite floats.
+
+    The shared event schema accepts any JSON number; an integer past 64 bits would overflow
+    the featurizer (here and in the trainer), so the service rejects it with a 422.
+    """
+    for key, value in features.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int) and not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"feature {key!r}: integer outside the int64 range")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"feature {key!r}: number must be finite")
+    return features
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("features", check_fields=False)
+    @classmethod
+    def _features_fit(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_feature_values(v)
+
+
+class ServedEvent(LabeledEvent):
+    """A labeled event as accepted by ``/v1/events`` (feature values bounded as for scoring)."""
+
+    @field_validator("features")
+    @classmethod
+    def _features_fit(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_feature_values(v)
+
+    @field_validator("context")
+    @classmethod
+    def _clusters_fit(cls, v: BanditContext | None) -> BanditContext | None:
+        if v is not None and any(c >= 1 << 31 for c in v.clusters):
+            raise ValueError("cluster indices must be < 2**31")
+        return v
 
 
 class Candidate(_Body):
@@ -245,10 +286,8 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             yield
         finally:
             task.cancel()
-            try:
+            with suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
             await asyncio.to_thread(sink.close)
             if redis_client is None:
                 await client.aclose()
@@ -317,7 +356,7 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
               responses={401: {"model": Problem}, 413: {"model": Problem},
                          503: {"model": Problem}})
     async def events(
-        body: LabeledEvent | Annotated[list[LabeledEvent],
+        body: ServedEvent | Annotated[list[ServedEvent],
                                        Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)],
         request: Request,
     ) -> Response:

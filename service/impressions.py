@@ -9,6 +9,7 @@ adding latency or memory without bound: a lost impression only costs the trainer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -93,10 +94,8 @@ class KafkaSink:
     def close(self, timeout: float = 5.0) -> None:
         """Send what is queued, then flush the producer (bounded by ``timeout``)."""
         self._stopped.set()
-        try:
+        with contextlib.suppress(queue.Full):
             self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         self._thread.join(timeout)
         remaining = self.producer.flush(timeout)
         if remaining:

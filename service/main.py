@@ -13,11 +13,12 @@ import logging
 import os
 
 import uvicorn
+from fastapi import FastAPI
 
 from freshrec.settings import Settings, load_settings
 
 
-def app_from_env():  # noqa: ANN201 (uvicorn factory)
+def app_from_env() -> FastAPI:
     """Factory for worker processes: settings from the ``FRESHREC_*`` environment."""
     from service.app import create_app
 
