@@ -39,6 +39,8 @@ class CTRModel(nn.Module):
         self.slot_dims = [s.dim for s in config.slots]
         width = sum(self.slot_dims)
         self.bias = nn.Parameter(torch.zeros(1))
+        starts = np.cumsum([0, *self.slot_dims[:-1]])
+        self.register_buffer("_first", torch.as_tensor(starts, dtype=torch.long), persistent=False)
         if self.arch == "lr":
             self.linear = nn.Linear(width, 1)
             return
@@ -60,25 +62,29 @@ class CTRModel(nn.Module):
         """Logits, shape ``(batch,)``."""
         if self.arch == "lr":
             return self.linear(x).squeeze(-1) + self.bias
+        wide = x.index_select(1, self._first).sum(-1)
         deep = self.mlp(x)
         if self.arch == "dcn":
             xl = x
             for layer in self.cross:
                 xl = x * layer(xl) + xl
-            return self.head(torch.cat([deep, xl], dim=-1)).squeeze(-1) + self.bias
+            return self.head(torch.cat([deep, xl], dim=-1)).squeeze(-1) + wide + self.bias
         parts = torch.split(x, self.slot_dims, dim=-1)
         v = torch.stack([p(part) for p, part in zip(self.fm_proj, parts, strict=True)], dim=1)
         fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1, keepdim=True)
         return (self.head(torch.cat([deep, fm], dim=-1)).squeeze(-1)
-                + self.linear(x).squeeze(-1) + self.bias)
+                + self.linear(x).squeeze(-1) + wide + self.bias)
 
 
 def make_dense_optimizer(model: CTRModel, config: ModelConfig) -> torch.optim.Optimizer:
     """The optimizer of the dense weights named by the model config."""
     lr = config.dense.learning_rate
     if config.dense.optimizer == "adagrad":
-        return torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=0.1)
-    return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=0.1,
+                                   foreach=True)
+    # foreach: one kernel per op over all parameters; per-parameter loops cost more than the
+    # math at micro-batch sizes.
+    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
 
 
 def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
