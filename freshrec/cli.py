@@ -13,11 +13,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlparse
 
 from featurestore.schema import ModelConfigError, load_model_config
 from freshrec.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from freshrec.devstack import LocalStack
 
 
 class _Stop(Exception):
@@ -79,6 +82,8 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
             print(summary.line())
             if summary.failed:
                 return 1
+            if "trainer" in args.components:
+                _report_training(settings, summary.sent, stack)
         if args.exit_after_replay:
             return 0
         print("stack is up; Ctrl-C to stop", flush=True)
@@ -92,6 +97,52 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
         print("stack stopped", file=sys.stderr)
+
+
+def _trainer_metrics(port: int) -> dict[str, float]:
+    """The trainer's scalar metrics, by name (labels folded into the name)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items()))
+            out[key] = sample.value
+    return out
+
+
+def _report_training(settings: Settings, sent: int, stack: LocalStack) -> None:
+    """Wait until the trainer has consumed the replay, showing progress, then summarize."""
+    from tqdm import tqdm
+
+    trained_key = "freshrec_trainer_events_total{outcome=trained}"
+    dead_key = "freshrec_trainer_events_total{outcome=dead_lettered}"
+    metrics: dict[str, float] = {}
+    with tqdm(total=sent, unit="ev", desc="training", file=sys.stderr) as bar:
+        while True:
+            problem = stack.check_children()
+            if problem:
+                _fail(problem, code=1)
+            try:
+                metrics = _trainer_metrics(settings.trainer_metrics_port)
+            except OSError:
+                metrics = {}
+            done = int(metrics.get(trained_key, 0) + metrics.get(dead_key, 0))
+            bar.update(done - bar.n)
+            if done >= sent:
+                break
+            time.sleep(0.5)
+    def gauge(name: str) -> float:
+        return metrics.get(f"freshrec_trainer_progressive_{name}", float("nan"))
+
+    print(f"trained {int(metrics.get(trained_key, 0))} events "
+          f"(dead-lettered {int(metrics.get(dead_key, 0))}); windowed progressive "
+          f"AUC {gauge('auc'):.4f}, logloss {gauge('logloss'):.4f}, "
+          f"calibration {gauge('calibration'):.3f}")
 
 
 # --- data and replays -------------------------------------------------------------------------
@@ -182,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = dev.add_parser("up", help="start broker, Redis and the pipeline")
     up.add_argument("--partitions", type=int, default=None)
     up.add_argument("--replay", choices=["movielens", "synthetic", "none"], default="none")
-    up.add_argument("--components", nargs="*", default=["trainer", "service"],
+    up.add_argument("--components", nargs="*", default=["trainer", "joiner", "service"],
                     choices=["trainer", "service", "joiner"])
     up.add_argument("--log-dir", default="var/log")
     up.add_argument("--kafka-port", type=int, default=None, help="local broker port")
