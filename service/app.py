@@ -24,7 +24,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from featurestore.events import BanditContext, Features, Id, LabeledEvent
 from featurestore.schema import ModelConfig, load_model_config
@@ -255,6 +255,27 @@ def _content_length(scope: Scope) -> int | None:
 # ---- the app ----------------------------------------------------------------------------------
 
 
+_SCORE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"$ref": "#/components/schemas/ScoreRequest"}}}}}
+
+
+def _with_score_request_schema(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """OpenAPI generator that also documents the raw-validated ``ScoreRequest`` body."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            model = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            comps.update(model.pop("$defs", {}))
+            comps["ScoreRequest"] = model
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
 def create_app(settings: Settings, *, config: ModelConfig | None = None,
                metrics: ServiceMetrics | None = None, producer: Producer | None = None,
                redis_client: aredis.Redis | None = None) -> FastAPI:
@@ -303,11 +324,22 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             raise HTTPException(401, "missing or invalid bearer token",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    @app.post("/v1/score", response_model=ScoreResponse,
+    @app.post("/v1/score", response_model=ScoreResponse, openapi_extra=_SCORE_BODY,
               responses={413: {"model": Problem}, 422: {"model": Problem},
                          503: {"model": Problem}})
-    async def score(req: ScoreRequest, request: Request) -> Response:
-        """Score the candidates; log what was shown as an impression (never blocking)."""
+    async def score(request: Request) -> Response:
+        """Score the candidates; log what was shown as an impression (never blocking).
+
+        The body is validated straight from bytes (pydantic's JSON parser) rather than through
+        FastAPI's body parameter, which first builds Python objects with ``json.loads``: for a
+        100-candidate body that halves validation time. Errors keep FastAPI's 422 shape.
+        """
+        try:
+            req = ScoreRequest.model_validate_json(await request.body())
+        except ValidationError as exc:
+            raise RequestValidationError([
+                {**{k: v for k, v in e.items() if k != "ctx"}, "loc": ("body", *e["loc"])}
+                for e in exc.errors(include_url=False)]) from None
         if len(req.candidates) > settings.service_max_candidates:
             raise RequestValidationError([{
                 "type": "too_long", "loc": ("body", "candidates"),
@@ -413,6 +445,7 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             metrics.snapshot_age.set(max(0.0, time.time() - snap.updated))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.openapi = _with_score_request_schema(app)  # type: ignore[method-assign]
     app.add_middleware(GuardAndMeasure, max_body=settings.service_max_body_bytes,
                        metrics=metrics)
     return app

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 import xxhash
 
 from bandit.context import context_for
-from featurestore.featurize import Featurizer, encode_value
+from featurestore.featurize import Featurizer, SlotIds, encode_value
 from featurestore.pooling import mean_pool
-from featurestore.schema import ModelConfig, SlotSide
+from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from service.snapshot import ServingSnapshot
 
 
@@ -47,27 +49,60 @@ def explore_bucket(user_id: str) -> float:
 class Scorer:
     """Scores candidates for one user against a :class:`ServingSnapshot`."""
 
-    def __init__(self, config: ModelConfig, *, alpha: float, top_k_clusters: int) -> None:
+    def __init__(self, config: ModelConfig, *, alpha: float, top_k_clusters: int,
+                 item_cache_size: int = 200_000) -> None:
         self.config = config
         self.featurizer = Featurizer(config)
         self.alpha = alpha
         self.top_k_clusters = top_k_clusters
         user = config.user_slot
         self.user_slot = user.name if user is not None else None
+        self.item_slots = [s.name for s in config.slots if s.side is SlotSide.ITEM]
+        # (item_id, serialized features) -> per item-slot ID lists. Featurizing 100 candidates
+        # (hashing every value in Python) was the largest cost of a request; candidate items
+        # repeat across requests, so their IDs (not their vectors, which change) are cached.
+        self._item_ids: dict[tuple[str, bytes], tuple[list[int], ...]] = {}
+        self.item_cache_size = item_cache_size
+
+    def _item_slot_ids(self, items: Sequence[tuple[str, Mapping[str, Any]]]
+                       ) -> dict[str, SlotIds]:
+        cache = self._item_ids
+        per_item = []
+        for item_id, feats in items:
+            key = (item_id, orjson.dumps(feats) if feats else b"")
+            ids = cache.get(key)
+            if ids is None:
+                rec = dict(feats)
+                rec["item_id"] = item_id
+                b = self.featurizer.featurize([rec], SlotSide.ITEM)
+                ids = tuple(b.slots[s].ids.tolist() for s in self.item_slots)
+                if len(cache) >= self.item_cache_size:
+                    cache.clear()  # crude bound; a miss only costs one featurization
+                cache[key] = ids
+            per_item.append(ids)
+        out = {}
+        for k, slot in enumerate(self.item_slots):
+            lists = [ids[k] for ids in per_item]
+            offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+            np.cumsum([len(x) for x in lists], out=offsets[1:])
+            flat = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
+            out[slot] = SlotIds(flat, offsets)
+        return out
 
     def features(self, snapshot: ServingSnapshot, user_id: str, user_features: Mapping[str, Any],
                  items: Sequence[tuple[str, Mapping[str, Any]]]) -> np.ndarray:
         """The model input ``(n, sum of dims)``: user side pooled once, broadcast to every item."""
+        return self._features(snapshot, user_id, user_features, items)[0]
+
+    def _features(self, snapshot: ServingSnapshot, user_id: str,
+                  user_features: Mapping[str, Any],
+                  items: Sequence[tuple[str, Mapping[str, Any]]]
+                  ) -> tuple[np.ndarray, dict[str, SlotIds]]:
         user_rec = dict(user_features)
         user_rec["user_id"] = user_id
-        item_recs = []
-        for item_id, feats in items:
-            rec = dict(feats)
-            rec["item_id"] = item_id
-            item_recs.append(rec)
-        n = len(item_recs)
+        n = len(items)
         ub = self.featurizer.featurize([user_rec], SlotSide.USER)
-        ib = self.featurizer.featurize(item_recs, SlotSide.ITEM)
+        item_ids = self._item_slot_ids(items)
         parts = []
         for slot in self.config.slots:
             store = snapshot.slots[slot.name]
@@ -76,9 +111,9 @@ class Scorer:
                 pooled = mean_pool(store.lookup(s.ids), s.offsets)
                 parts.append(np.broadcast_to(pooled, (n, slot.dim)))
             else:
-                s = ib.slots[slot.name]
+                s = item_ids[slot.name]
                 parts.append(mean_pool(store.lookup(s.ids), s.offsets))
-        return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32)
+        return np.ascontiguousarray(np.concatenate(parts, axis=1), dtype=np.float32), item_ids
 
     @staticmethod
     def forward(snapshot: ServingSnapshot, x: np.ndarray) -> np.ndarray:
@@ -86,6 +121,17 @@ class Scorer:
         with torch.inference_mode():
             logits = snapshot.model(torch.from_numpy(x))
             return torch.sigmoid(logits).numpy().astype(np.float64)
+
+    def _bandit_keys(self, items: Sequence[tuple[str, Mapping[str, Any]]],
+                     item_ids: dict[str, SlotIds]) -> np.ndarray:
+        """The statistics' key of each candidate: ``encode_value(item_id)``, as the trainer uses.
+
+        For a categorical item slot that is exactly the slot's (already computed) ID.
+        """
+        slot = self.config.item_slot
+        if slot.kind is SlotKind.CATEGORICAL:
+            return item_ids[slot.name].ids
+        return np.fromiter((encode_value(i) for i, _ in items), dtype=np.int64, count=len(items))
 
     def context(self, snapshot: ServingSnapshot, user_id: str
                 ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -105,7 +151,8 @@ class Scorer:
               items: Sequence[tuple[str, Mapping[str, Any]]], top_k: int,
               explore: bool) -> ScoredItems:
         """Score every candidate; rank by ``pctr + alpha * bonus`` when exploring."""
-        pctr = self.forward(snapshot, self.features(snapshot, user_id, user_features, items))
+        x, item_ids = self._features(snapshot, user_id, user_features, items)
+        pctr = self.forward(snapshot, x)
         n = len(items)
         k = min(top_k, n)
         bonus = np.zeros(n)
@@ -118,11 +165,10 @@ class Scorer:
                 keep = clusters < snapshot.bandit.n_clusters
                 clusters, weights = clusters[keep], weights[keep]
                 if len(clusters):
-                    item_ids = np.fromiter((encode_value(i) for i, _ in items), dtype=np.int64,
-                                           count=n)
+                    keys = self._bandit_keys(items, item_ids)
                     clock = snapshot.bandit.clock
                     _, bonus = snapshot.bandit.score(
-                        item_ids, clusters, weights, now=clock if np.isfinite(clock) else None)
+                        keys, clusters, weights, now=clock if np.isfinite(clock) else None)
                     ctx = (clusters.tolist(), weights.tolist())
         score = pctr + self.alpha * bonus if ctx is not None else pctr
         order = np.argsort(-score, kind="stable")[:k]
