@@ -7,7 +7,8 @@ Starts its own Redis + broker, the real trainer (``freshrec trainer``) and the r
 (``freshrec service``) as child processes, then per trial: a brand-new user and item (and a
 brand-new genre, so no row is shared with earlier trials) are scored — unknown, so their vectors
 are zeros — then a burst of clicks for the pair is produced to the events topic (t0 = just
-before ``produce``; trials start at a random phase of the publish cycle), and ``/v1/score`` is polled every ~2 ms until the pair's pCTR changes (t1).
+before ``produce``; trials start at a random phase of the publish cycle), and ``/v1/score``
+is polled every ~2 ms until the pair's pCTR changes (t1).
 Freshness = t1 - t0: Kafka delivery + consumer fetch + batch wait + train step + the wait for
 the next publish cycle + Redis transaction + XREAD wake-up + HMGET + apply + the poll interval.
 
