@@ -20,10 +20,14 @@ MAX_TS = 4_102_444_800.0  # 2100-01-01: anything later is a unit mix-up (ms inst
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
 Text = Annotated[str, Field(max_length=MAX_ID_LEN)]
+# Floats must be finite to bucketize and to serialize back to JSON. An integer beyond int64
+# parses as a float (and the featurizer hashes it like any out-of-range number).
+Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # left_to_right: try str, int, float, list in turn instead of scoring every member (~20% faster
-# parsing on the trainer's hot path; pydantic never coerces between these, so same results).
+# parsing on the trainer's hot path).
 FeatureValue = Annotated[
-    Text | int | float | Annotated[list[Text], Field(max_length=MAX_LIST_LEN)],
+    Text | Int64 | FiniteFloat | Annotated[list[Text], Field(max_length=MAX_LIST_LEN)],
     Field(union_mode="left_to_right"),
 ]
 Features = Annotated[dict[Annotated[str, Field(max_length=64)], FeatureValue], Field(
@@ -42,7 +46,7 @@ class _Wire(BaseModel):
 class BanditContext(_Wire):
     """The sparse Diag-LinUCB context used at serve time: cluster indices and their weights."""
 
-    clusters: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)]
+    clusters: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(max_length=64)]
     weights: Annotated[list[float], Field(max_length=64)]
 
     @field_validator("weights")

@@ -22,6 +22,7 @@ import xxhash
 from featurestore.schema import ModelConfig, SlotConfig, SlotKind, SlotSide
 
 _MASK63 = (1 << 63) - 1
+_INT64_MIN, _INT64_MAX = -(1 << 63) + 1, (1 << 63) - 1  # int64 min is the table's sentinel
 _hash = xxhash.xxh64_intdigest
 
 
@@ -29,10 +30,10 @@ def encode_value(value: Any) -> int:
     """The int64 feature ID of one raw categorical value."""
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        return value
     # Keep hashed IDs non-negative: negative IDs stay free as sentinels for the table.
     return _hash(str(value).encode()) & _MASK63
 

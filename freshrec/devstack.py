@@ -174,3 +174,22 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_http_ok(url: str, timeout: float = 60.0, stack: LocalStack | None = None) -> None:
+    """Block until ``GET url`` answers 200 (e.g. a service's /readyz), or raise TimeoutError."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stack is not None and (problem := stack.check_children()):
+            raise RuntimeError(problem)
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -37,9 +38,12 @@ class ClosedLoopConfig:
     top_k: int = 4
     n_users: int = 300
     n_items: int = 200
+    n_user_clusters: int = 4  # tastes: fewer clusters, fewer cells to learn per example
+    taste_scale: float = 3.0
     new_item_every: int = 50  # one new item per this many requests
     window: int = 200
     explore: bool = True
+    rate: float = 0.0  # requests per wall second; 0 = as fast as the service answers
     seed: int = 0
 
 
@@ -48,12 +52,27 @@ class ClosedLoopResult:
     """CTR curves and discovery times of one simulated run."""
 
     windows: list[dict[str, float]] = field(default_factory=list)
-    discovery_requests: list[int] = field(default_factory=list)
-    undiscovered: int = 0
+    # (request index a new item appeared at, requests until first shown or None if never)
+    new_items: list[tuple[int, int | None]] = field(default_factory=list)
+    # New items whose first showing was thanks to the exploration bonus (``explored``).
+    discovered_by_exploration: int = 0
+    # Expected CTR served during warm-up, before the trainer had learned anything.
+    untrained: dict[str, float] = field(default_factory=dict)
     clicks: int = 0
     shown: int = 0
     errors: int = 0
+    requests: int = 0
     seconds: float = 0.0
+
+    def discovered_share(self, min_age: int) -> float:
+        """Share of new items older than ``min_age`` requests that were shown at least once."""
+        old = [wait for at, wait in self.new_items if at <= self.requests - min_age]
+        return sum(w is not None for w in old) / len(old) if old else float("nan")
+
+    @property
+    def discovery_requests(self) -> list[int]:
+        """Requests from a new item's arrival to its first showing, for those shown."""
+        return [w for _, w in self.new_items if w is not None]
 
     @property
     def ctr_lift(self) -> float:
@@ -68,8 +87,9 @@ class ClosedLoop:
     def __init__(self, service_url: str, bootstrap: str, clicks_topic: str,
                  config: ClosedLoopConfig | None = None, token: str | None = None) -> None:
         self.config = c = config or ClosedLoopConfig()
-        self.world = SyntheticStream(SyntheticConfig(n_users=c.n_users, n_items=c.n_items,
-                                                     new_items_per_s=0.0, seed=c.seed))
+        self.world = SyntheticStream(SyntheticConfig(
+            n_users=c.n_users, n_items=c.n_items, n_clusters=c.n_user_clusters,
+            scale=c.taste_scale, new_items_per_s=0.0, seed=c.seed))
         self.rng = np.random.default_rng(c.seed + 1)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=service_url, timeout=10.0, headers=headers)
@@ -78,6 +98,8 @@ class ClosedLoop:
         self.clicks_topic = clicks_topic
         self.n_items = c.n_items
         self.introduced: dict[int, int] = {}  # new item -> request index it appeared at
+        self.discovered: dict[int, int] = {}  # new item -> requests until first shown
+        self.untrained: dict[str, float] = {}
 
     def _request(self, index: int) -> tuple[np.ndarray, np.ndarray, list[dict]] | None:
         c = self.config
@@ -116,19 +138,45 @@ class ClosedLoop:
         stats = [{"served_p": float(shown_p.mean()), "clicks": int(clicked.sum()),
                   "random_p": float(p.mean()),
                   "oracle_p": float(np.sort(p)[-len(shown):].mean())}]
-        for item in shown:
-            if item in self.introduced and self.introduced[item] >= 0:
-                self.result.discovery_requests.append(index - self.introduced[item])
-                self.introduced[item] = -1
+        explored = {int(it["item_id"][1:]) for it in out["items"] if it.get("explored")}
+        for item in shown if index >= 0 else ():
+            if item in self.introduced and item not in self.discovered:
+                self.discovered[item] = index - self.introduced[item]
+                self.result.discovered_by_exploration += item in explored
         return shown, clicked, stats
+
+    def warm_up(self, learned: Callable[[], bool], timeout: float = 120.0) -> int:
+        """Serve unrecorded requests until ``learned()`` (e.g. the trainer has trained).
+
+        Consumer groups take seconds to form; measuring before the loop is closed would
+        measure start-up, not learning. Returns the number of warm-up requests.
+        """
+        self.result = ClosedLoopResult()
+        deadline = time.monotonic() + timeout
+        stats: list[dict] = []
+        while not learned():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the pipeline did not start learning from clicks")
+            got = self._request(-1)
+            if got is not None:
+                stats += got[2]
+            time.sleep(0.02)
+        if stats:
+            self.untrained = {k: float(np.mean([w[k] for w in stats]))
+                              for k in ("served_p", "random_p")}
+        return len(stats)
 
     def run(self, progress: bool = False) -> ClosedLoopResult:
         """Run the configured number of requests; returns the curves."""
         c = self.config
-        self.result = result = ClosedLoopResult()
+        self.result = result = ClosedLoopResult(untrained=self.untrained)
         started = time.monotonic()
         window: list[dict] = []
         for index in range(c.requests):
+            if c.rate > 0:
+                delay = started + index / c.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
             if index and index % c.new_item_every == 0:
                 self.introduced[self.n_items] = index
                 self.n_items += 1
@@ -156,7 +204,9 @@ class ClosedLoop:
                           f"random p {w['random_p']:.3f}  oracle p {w['oracle_p']:.3f}",
                           flush=True)
         self.producer.flush(30)
-        result.undiscovered = sum(1 for v in self.introduced.values() if v >= 0)
+        result.new_items = [(at, self.discovered.get(item))
+                            for item, at in self.introduced.items()]
+        result.requests = c.requests
         result.seconds = time.monotonic() - started
         if self.tracker.failed:
             raise RuntimeError(f"click delivery failed: {self.tracker.errors[:3]}")

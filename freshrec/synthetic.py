@@ -55,7 +55,10 @@ class SyntheticStream:
         self.centers = rng.normal(size=(c.n_clusters, c.dim)) / np.sqrt(c.dim)
         self._alt_centers = rng.normal(size=(c.n_clusters, c.dim)) / np.sqrt(c.dim)
         self._user_noise = rng.normal(scale=0.3, size=(_TABLE, c.dim)) / np.sqrt(c.dim)
-        self._item_vec = rng.normal(size=(_TABLE, c.dim)) / np.sqrt(c.dim)
+        # Items come in one cluster per genre: the genre feature carries most of an item's
+        # taste, as content features do, and the rest is per-item (learned from its ID).
+        self._item_centers = rng.normal(size=(len(_GENRES), c.dim)) / np.sqrt(c.dim)
+        self._item_noise = rng.normal(scale=0.5, size=(_TABLE, c.dim)) / np.sqrt(c.dim)
         self._cluster_gender = rng.integers(0, 2, c.n_clusters)
         self._cluster_age = rng.integers(15, 65, c.n_clusters)
         self._cluster_occ = rng.integers(0, len(_OCCUPATIONS), c.n_clusters)
@@ -77,7 +80,11 @@ class SyntheticStream:
 
     def item_vectors(self, items: np.ndarray) -> np.ndarray:
         """Latent attributes of each item."""
-        return self._item_vec[items % _TABLE]
+        return self._item_centers[self._item_cluster(items)] + self._item_noise[items % _TABLE]
+
+    @staticmethod
+    def _item_cluster(items: np.ndarray) -> np.ndarray:
+        return (items * 2246822519 % (1 << 32)) % len(_GENRES)
 
     def click_probability(self, users: np.ndarray, items: np.ndarray,
                           ts: np.ndarray) -> np.ndarray:
@@ -130,10 +137,9 @@ class SyntheticStream:
                  "zip_prefix": f"{users[i] % 100:02d}"} for i in range(len(users))]
 
     def item_features(self, items: np.ndarray) -> list[dict[str, object]]:
-        """Genres (one tied to the item's latent vector) and release year of items."""
+        """Genres (the second is the item's cluster, the first is noise) and release year."""
         genre = _GENRES[(items * 40503 % (1 << 16)) % len(_GENRES)]
-        genre2 = _GENRES[np.argmax(self.item_vectors(items)[:, :len(_GENRES)], axis=1)
-                         % len(_GENRES)]
+        genre2 = _GENRES[self._item_cluster(items)]
         years = 1950 + (items % 50)
         return [{"genres": [str(genre[i]), str(genre2[i])], "release_year": int(years[i])}
                 for i in range(len(items))]

@@ -17,6 +17,9 @@ def test_integers_are_their_own_id_and_strings_hash_stably() -> None:
     assert encode_value(42) == 42
     assert encode_value("42") == encode_value("42") != 42
     assert 0 <= encode_value("u42") < 2**63
+    # Numbers beyond int64 (or the table's sentinel) are hashed, never overflow.
+    for big in (2**70, -(2**63), 1.5e30):
+        assert 0 <= encode_value(big) < 2**63
 
 
 def test_jagged_batch_has_one_bag_per_record_and_empty_bags_for_missing_values() -> None:
