@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     trainer_group_id: str = "freshrec-trainer"
     trainer_batch_max_events: PositiveInt = 2048
     trainer_batch_max_wait_ms: PositiveInt = 20
+    # A consumed batch is learned in slices of this many events, each predicted by the model
+    # that learned the previous slices: smaller is fresher and more accurate, larger is faster
+    # (docs/trainer.md has the measured trade-off).
+    trainer_micro_batch: PositiveInt = 64
     trainer_checkpoint_dir: Path = Path("var/checkpoints")
     trainer_checkpoint_interval_s: PositiveFloat = 30.0
     trainer_publish_interval_ms: PositiveInt = 200

@@ -71,7 +71,8 @@ class Trainer:
         self.settings = settings
         self.config = config
         self.metrics = metrics or TrainerMetrics()
-        self.learner = OnlineLearner(config, seed=settings.trainer_seed)
+        self.learner = OnlineLearner(config, seed=settings.trainer_seed,
+                                     micro_batch=settings.trainer_micro_batch)
         self.window = ProgressiveWindow(settings.trainer_progressive_window)
         self.hooks: list[BatchHook] = list(hooks or [])
         self.publisher: PublishHook | None = None
