@@ -104,8 +104,7 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
 
     metrics = JoinerMetrics()
     process = JoinerProcess(settings, metrics)
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_gc()  # as `freshrec joiner` does
     stop = threading.Event()
     delays: list[float] = []
     original_drain = process.joiner.drain_join_delays

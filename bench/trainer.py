@@ -48,6 +48,7 @@ from freshrec.data import fetch_movielens, load_movielens
 from freshrec.devstack import LocalStack
 from freshrec.kafka import consumer_config
 from freshrec.replay import replay
+from freshrec.runtime import tune_gc  # noqa: E402
 from freshrec.settings import Settings, default_model_config_path
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
 from trainer.learner import DEFAULT_MICRO_BATCH, OnlineLearner
@@ -221,6 +222,7 @@ def trainer_rate(stack: LocalStack, topic: str, total: int, checkpoint_dir: Path
                         trainer_checkpoint_dir=checkpoint_dir, trainer_metrics_port=0)
     config = load_model_config(settings.model_config_path)
     trainer = Trainer(settings, config)
+    tune_gc()  # as `freshrec trainer` does
     marks: dict[str, float] = {}
     process = trainer.process
 

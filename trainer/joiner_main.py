@@ -18,7 +18,6 @@ restored state has not seen, and the joiner's duplicate detection absorbs the ov
 
 from __future__ import annotations
 
-import gc
 import heapq
 import logging
 import signal
@@ -34,6 +33,7 @@ from pydantic import ValidationError
 from featurestore.events import Click, Impression, LabeledEvent, describe_validation_error
 from freshrec.kafka import DeliveryTracker, consumer_config, create_topics, producer_config
 from freshrec.metrics import JoinerMetrics
+from freshrec.runtime import tune_gc
 from freshrec.settings import Settings
 from trainer.checkpoint import Checkpointer
 from trainer.joiner import ClickOutcome, Joiner
@@ -261,10 +261,7 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     process = JoinerProcess(settings, metrics)
-    # The join allocates many small long-lived dicts: a frozen start-up heap and a lazier
-    # young-generation threshold roughly double its throughput (bench/joiner_core.py).
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    tune_gc()
     process.run(stop)
     log.info("joiner stopped: %s", process.joiner.counts())
     return 0
