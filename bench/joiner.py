@@ -44,6 +44,7 @@ from freshrec.kafka import (
     producer_config,
 )
 from freshrec.metrics import JoinerMetrics
+from freshrec.runtime import tune_gc
 from freshrec.settings import Settings
 from freshrec.simulate import ClosedLoop, ClosedLoopConfig
 from trainer.joiner_main import JoinerProcess

@@ -48,7 +48,7 @@ from freshrec.data import fetch_movielens, load_movielens
 from freshrec.devstack import LocalStack
 from freshrec.kafka import consumer_config
 from freshrec.replay import replay
-from freshrec.runtime import tune_gc  # noqa: E402
+from freshrec.runtime import tune_gc
 from freshrec.settings import Settings, default_model_config_path
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
 from trainer.learner import DEFAULT_MICRO_BATCH, OnlineLearner
