@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from freshrec.kafka import (
     produce_all,
     producer_config,
 )
-from freshrec.metrics import JoinerMetrics
+from freshrec.metrics import JoinerMetrics, scrape
 from freshrec.runtime import tune_gc
 from freshrec.settings import Settings
 from freshrec.simulate import ClosedLoop, ClosedLoopConfig
@@ -154,15 +153,8 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
 
 
 def _trained(port: int) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0.0
-    for line in text.splitlines():
-        if line.startswith('freshrec_trainer_events_total{outcome="trained"}'):
-            return float(line.split()[-1])
-    return 0.0
+    return scrape(f"http://127.0.0.1:{port}/metrics").get(
+        "freshrec_trainer_events_total{outcome=trained}", 0.0)
 
 
 def closed_loop(stack: LocalStack, requests: int, rate: float, work: Path) -> dict:

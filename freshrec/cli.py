@@ -99,25 +99,11 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         print("stack stopped", file=sys.stderr)
 
 
-def _trainer_metrics(port: int) -> dict[str, float]:
-    """The trainer's scalar metrics, by name (labels folded into the name)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = sample.name + "".join(f"{{{k}={v}}}" for k, v in sorted(sample.labels.items()))
-            out[key] = sample.value
-    return out
-
-
 def _report_training(settings: Settings, sent: int, stack: LocalStack) -> None:
     """Wait until the trainer has consumed the replay, showing progress, then summarize."""
     from tqdm import tqdm
+
+    from freshrec.metrics import scrape
 
     trained_key = "freshrec_trainer_events_total{outcome=trained}"
     dead_key = "freshrec_trainer_events_total{outcome=dead_lettered}"
@@ -128,8 +114,8 @@ def _report_training(settings: Settings, sent: int, stack: LocalStack) -> None:
             if problem:
                 _fail(problem, code=1)
             try:
-                metrics = _trainer_metrics(settings.trainer_metrics_port)
-            except OSError:
+                metrics = scrape(f"http://127.0.0.1:{settings.trainer_metrics_port}/metrics")
+            except ValueError:  # a half-written exposition while the trainer starts
                 metrics = {}
             done = int(metrics.get(trained_key, 0) + metrics.get(dead_key, 0))
             bar.update(done - bar.n)

@@ -11,7 +11,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -125,3 +125,24 @@ def produce_all(producer: Producer, topic: str, messages: list[tuple[bytes, byte
             except BufferError:
                 producer.poll(0.05)
     producer.poll(0)
+
+
+def assign_from(consumer: Consumer, partitions: list[TopicPartition],
+                offsets: dict[tuple[str, int], int]) -> None:
+    """Assign ``partitions``, each starting at its offset in ``offsets`` where there is one.
+
+    Used from ``on_assign`` by the processes that checkpoint their own offsets: the state they
+    restored is only consistent with exactly those positions, not with whatever was committed.
+    """
+    for tp in partitions:
+        restored = offsets.get((tp.topic, tp.partition))
+        if restored is not None:
+            tp.offset = restored
+    consumer.assign(partitions)
+
+
+def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
+    """Synchronously commit next-offsets (after the checkpoint that stores them is durable)."""
+    if offsets:
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                        asynchronous=False)

@@ -121,3 +121,26 @@ class ServiceMetrics:
                                buckets=(0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)
         self.events_accepted = Counter(p + "events_total", "Events accepted on /v1/events.",
                                        registry=r)
+
+
+def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:
+    """Samples of a ``/metrics`` endpoint as ``{'name{label=value,...}': value}``.
+
+    For the CLI's progress display, benchmarks and tests that watch a running process; an
+    unreachable endpoint gives an empty dict (the process may still be starting).
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out

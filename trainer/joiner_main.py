@@ -31,7 +31,14 @@ from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from featurestore.events import Click, Impression, LabeledEvent, describe_validation_error
-from freshrec.kafka import DeliveryTracker, consumer_config, create_topics, producer_config
+from freshrec.kafka import (
+    DeliveryTracker,
+    assign_from,
+    commit_offsets,
+    consumer_config,
+    create_topics,
+    producer_config,
+)
 from freshrec.metrics import JoinerMetrics
 from freshrec.runtime import tune_gc
 from freshrec.settings import Settings
@@ -114,18 +121,11 @@ class JoinerProcess:
         clocks = {"impressions": _to_json_ts(self._max_imp_ts),
                   "clicks": _to_json_ts(self._max_click_ts)}
         self.checkpointer.save({"joiner": write}, {"offsets": offsets, "clocks": clocks})
-        if self.offsets:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o)
-                                           for (t, p), o in self.offsets.items()],
-                                  asynchronous=False)
+        commit_offsets(self._consumer, self.offsets)
         self._last_checkpoint = time.monotonic()
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            restored = self.offsets.get((tp.topic, tp.partition))
-            if restored is not None:
-                tp.offset = restored
-        consumer.assign(partitions)
+        assign_from(consumer, partitions, self.offsets)
         # Idle time only counts once we can read: waiting for a group join is not quiet input.
         self._last_input = time.monotonic()
         self._idle_advance = 0.0

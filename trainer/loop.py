@@ -29,7 +29,13 @@ from featurestore.events import EventRejected, LabeledEvent, parse_labeled_event
 from featurestore.featurize import event_record
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
-from freshrec.kafka import DeliveryTracker, consumer_config, producer_config
+from freshrec.kafka import (
+    DeliveryTracker,
+    assign_from,
+    commit_offsets,
+    consumer_config,
+    producer_config,
+)
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from trainer.checkpoint import Checkpointer, load_arrays, save_arrays
@@ -149,10 +155,7 @@ class Trainer:
             "offsets": offsets, "schema_hash": self.config.schema_hash,
             "max_event_ts": self.max_event_ts, "trained": self.trained,
         })
-        if self.offsets:
-            self._consumer.commit(offsets=[TopicPartition(t, p, o)
-                                           for (t, p), o in self.offsets.items()],
-                                  asynchronous=False)
+        commit_offsets(self._consumer, self.offsets)
         self._last_checkpoint = time.monotonic()
         self.metrics.last_checkpoint.set(time.time())
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
@@ -160,11 +163,7 @@ class Trainer:
     # --- Kafka ---------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            restored = self.offsets.get((tp.topic, tp.partition))
-            if restored is not None:
-                tp.offset = restored
-        consumer.assign(partitions)
+        assign_from(consumer, partitions, self.offsets)
         log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

@@ -7,14 +7,13 @@ the trainer, and the service scores with what was learned.
 
 from __future__ import annotations
 
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from freshrec.devstack import LocalStack, free_port, wait_http_ok
+from freshrec.metrics import scrape
 from freshrec.settings import Settings
 from freshrec.simulate import ClosedLoop, ClosedLoopConfig
 from tests.conftest import settings_env
@@ -24,17 +23,8 @@ pytestmark = pytest.mark.integration
 
 def trained_events(port: int) -> float:
     """``freshrec_trainer_events_total{outcome="trained"}`` from the trainer's /metrics."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "freshrec_trainer_events_total" and \
-                    sample.labels.get("outcome") == "trained":
-                return sample.value
-    return 0.0
+    return scrape(f"http://127.0.0.1:{port}/metrics").get(
+        "freshrec_trainer_events_total{outcome=trained}", 0.0)
 
 
 def test_served_ctr_rises_and_new_items_get_discovered(
