@@ -109,6 +109,10 @@ def test_ports_agree_with_settings_and_external_services(docs: list[dict]) -> No
     assert _container(trainer)["ports"][0]["containerPort"] == s.trainer_metrics_port
     assert _get(docs, "Service", "freshrec-trainer")["spec"]["ports"][0]["port"] \
         == s.trainer_metrics_port
+    joiner = _get(docs, "StatefulSet", "freshrec-joiner")
+    assert _container(joiner)["ports"][0]["containerPort"] == s.joiner_metrics_port
+    assert _get(docs, "Service", "freshrec-joiner")["spec"]["ports"][0]["port"] \
+        == s.joiner_metrics_port
 
     host, port = s.kafka_bootstrap.rsplit(":", 1)
     kafka = _get(docs, "Service", host)
@@ -130,14 +134,16 @@ def test_model_config_and_checkpoint_paths_are_mounted(docs: list[dict]) -> None
         mounts = {m["name"]: m["mountPath"] for m in
                   _container(_get(docs, kind, name)).get("volumeMounts", [])}
         assert mounts["model-config"] == str(s.model_config_path.parent), name
-    trainer = _get(docs, "StatefulSet", "freshrec-trainer")
-    mounts = {m["name"]: m["mountPath"] for m in _container(trainer)["volumeMounts"]}
-    claims = [c["metadata"]["name"] for c in trainer["spec"]["volumeClaimTemplates"]]
-    assert mounts["checkpoints"] == str(s.trainer_checkpoint_dir)
-    assert "checkpoints" in claims
-    # the final checkpoint after SIGTERM must fit in the grace period
-    grace = trainer["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= 4 * s.trainer_checkpoint_interval_s
+    for name, directory in (("freshrec-trainer", s.trainer_checkpoint_dir),
+                            ("freshrec-joiner", s.joiner_checkpoint_dir)):
+        workload = _get(docs, "StatefulSet", name)
+        mounts = {m["name"]: m["mountPath"] for m in _container(workload)["volumeMounts"]}
+        claims = [c["metadata"]["name"] for c in workload["spec"]["volumeClaimTemplates"]]
+        assert mounts["checkpoints"] == str(directory), name
+        assert "checkpoints" in claims
+        # the final checkpoint after SIGTERM must fit in the grace period
+        grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= 4 * s.trainer_checkpoint_interval_s, name
 
 
 def test_service_probes_and_autoscaler(docs: list[dict]) -> None:
@@ -152,20 +158,21 @@ def test_service_probes_and_autoscaler(docs: list[dict]) -> None:
 
 
 def test_services_select_their_pods(docs: list[dict]) -> None:
-    for kind, name in (("Deployment", "freshrec-service"), ("StatefulSet", "freshrec-trainer")):
+    for kind, name in (("Deployment", "freshrec-service"), ("StatefulSet", "freshrec-trainer"),
+                       ("StatefulSet", "freshrec-joiner")):
         labels = _get(docs, kind, name)["spec"]["template"]["metadata"]["labels"]
         selector = _get(docs, "Service", name)["spec"]["selector"]
         assert selector.items() <= labels.items(), name
 
 
-def test_service_monitor_selects_both_services(docs: list[dict]) -> None:
+def test_service_monitor_selects_every_component(docs: list[dict]) -> None:
     monitor = _get(docs, "ServiceMonitor", "freshrec")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     wanted = monitor["spec"]["selector"]["matchLabels"]
     selected = [d for d in docs if d["kind"] == "Service"
                 and wanted.items() <= d["metadata"].get("labels", {}).items()]
     assert sorted(d["metadata"]["name"] for d in selected) == \
-        ["freshrec-service", "freshrec-trainer"]
+        ["freshrec-joiner", "freshrec-service", "freshrec-trainer"]
     ports = {e["port"] for e in monitor["spec"]["endpoints"]}
     for svc in selected:
         assert ports & {p["name"] for p in svc["spec"]["ports"]}, svc["metadata"]["name"]
