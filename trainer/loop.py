@@ -197,6 +197,7 @@ class Trainer:
     def process(self, messages: list[Message]) -> int:
         """Parse, dead-letter, learn; returns the number of events trained."""
         events: list[LabeledEvent] = []
+        sources: list[Message] = []
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -206,12 +207,33 @@ class Trainer:
             self.offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
             try:
                 events.append(parse_labeled_event(msg.value() or b""))
+                sources.append(msg)
             except EventRejected as exc:
                 self._dead_letter(msg, exc.reason)
-        if events:
-            self.learn(events)
+        trained = self._learn_or_isolate(events, sources) if events else 0
         self._dlq.poll(0)
-        return len(events)
+        return trained
+
+    def _learn_or_isolate(self, events: list[LabeledEvent], sources: list[Message]) -> int:
+        """Learn the batch; if that fails, learn event by event and dead-letter the culprits.
+
+        A valid-looking event that still breaks training (a bug, a pathological value) must not
+        crash-loop the trainer on replay: it goes to the DLQ with the exception, the rest of
+        the batch is trained.
+        """
+        try:
+            self.learn(events)
+            return len(events)
+        except Exception:
+            log.exception("batch of %d failed; retrying event by event", len(events))
+        trained = 0
+        for event, msg in zip(events, sources, strict=True):
+            try:
+                self.learn([event])
+                trained += 1
+            except Exception as exc:
+                self._dead_letter(msg, f"<training>: {type(exc).__name__}: {exc}"[:500])
+        return trained
 
     def learn(self, events: list[LabeledEvent]) -> None:
         """Predict-then-learn on validated events; update hooks and metrics."""

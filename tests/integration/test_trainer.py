@@ -74,3 +74,29 @@ def test_malformed_messages_go_to_the_dlq_with_reasons(settings: Settings) -> No
         headers = dict(m.headers())
         assert headers["source_topic"].decode() == settings.topic_events
         assert int(headers["source_offset"]) >= 0
+
+
+def test_an_event_that_breaks_training_is_dead_lettered_not_fatal(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    events = list(SyntheticStream(SyntheticConfig(seed=8)).events(300))
+    events[150] = dict(events[150], item_id="poison")
+    produce_events(settings.kafka_bootstrap, settings.topic_events, events)
+
+    from trainer.learner import OnlineLearner
+
+    real_step = OnlineLearner.step
+
+    def step(self, records, *args, **kwargs):
+        if any(r["item_id"] == "poison" for r in records):
+            raise FloatingPointError("non-finite gradient")
+        return real_step(self, records, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineLearner, "step", step)
+    trainer, metrics = run_trainer(settings, 300)
+    assert trainer.trained == 299
+    assert sample(metrics, "freshrec_trainer_events_total", outcome="trained") == 299
+    dlq = read_topic(settings.kafka_bootstrap, settings.topic_dlq, 1)
+    assert len(dlq) == 1
+    assert dict(dlq[0].headers())["reason"].decode().startswith(
+        "<training>: FloatingPointError")
+    assert orjson.loads(dlq[0].value())["item_id"] == "poison"
