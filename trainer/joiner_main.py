@@ -30,7 +30,13 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from prometheus_client import start_http_server
 from pydantic import ValidationError
 
-from featurestore.events import Click, Impression, LabeledEvent, describe_validation_error
+from featurestore.events import (
+    Click,
+    EventRejected,
+    Impression,
+    LabeledEvent,
+    describe_validation_error,
+)
 from freshrec.kafka import (
     DeliveryTracker,
     assign_from,
@@ -177,7 +183,11 @@ class JoinerProcess:
             click = Click.model_validate_json(raw)
         except ValidationError as exc:
             self._dead_letter(raw, msg.key(), source, describe_validation_error(exc))
-            self.metrics.clicks.labels("invalid").inc()
+            if msg.topic() == self.settings.topic_clicks:
+                self.metrics.clicks.labels("invalid").inc()
+            return
+        except EventRejected as exc:  # valid alone, but unusable as a label (e.g. too wide)
+            self._dead_letter(raw, msg.key(), source, exc.reason)
             return
         self._max_click_ts = max(self._max_click_ts, click.ts)
         if click.ts > self._max_imp_ts:

@@ -82,7 +82,12 @@ def test_joiner_labels_survive_kill_9_mid_window(settings: Settings, tmp_path: P
         if first.poll() is None:
             first.kill()
 
-    produce(bootstrap, settings.topic_impressions, [i.to_json() for i in imps[150:]])
+    wide = Impression(request_id="r-wide", ts=t0, user_id="u1", model_version=1,
+                      features={f"r{k}": k for k in range(40)},
+                      items=[ShownItem(item_id="i0", position=0, score=1.0, pctr=0.1,
+                                       features={f"i{k}": k for k in range(40)})])
+    produce(bootstrap, settings.topic_impressions,
+            [i.to_json() for i in imps[150:]] + [b"{not json", wide.to_json()])
     produce(bootstrap, settings.topic_clicks,
             [c.to_json() for c in clicks[100:]] + [orphan.to_json()])
     second = start_joiner(env, tmp_path / "joiner-2.log")
@@ -99,5 +104,10 @@ def test_joiner_labels_survive_kill_9_mid_window(settings: Settings, tmp_path: P
     assert set(got) == set(expected)
     assert {k: next(iter(v)) for k, v in got.items()} == expected
     assert all(len(v) == 1 for v in got.values())
-    dlq = read_topic(bootstrap, settings.topic_dlq, 1)
-    assert [dict(m.headers())["reason"].decode()[:12] for m in dlq] == ["orphan click"]
+    # Bad input is dead-lettered with its reason, and the joiner kept going.
+    dlq = read_topic(bootstrap, settings.topic_dlq, 3)
+    reasons = sorted(dict(m.headers())["reason"].decode() for m in dlq)
+    assert len(reasons) == 3
+    assert any(r.startswith("orphan click") for r in reasons)
+    assert any("json" in r.lower() for r in reasons)
+    assert any("features" in r for r in reasons)
