@@ -68,3 +68,20 @@ def test_dev_up_serves_and_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
     assert "kafka  127.0.0.1:" in out and "stack stopped" in out
     time.sleep(0.2)
     assert not [pid for pid in children if alive(pid)]
+
+
+def test_dev_up_uses_external_kafka_and_redis_when_configured(stack, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    env["FRESHREC_KAFKA_BOOTSTRAP"] = stack.kafka_bootstrap
+    env["FRESHREC_REDIS_URL"] = stack.redis_url
+    env["FRESHREC_TOPIC_EVENTS"] = "external-check.events"
+    proc = subprocess.run(
+        [sys.executable, "-m", "freshrec.cli", "dev", "up", "--components", "--replay",
+         "synthetic", "--events", "50", "--quiet", "--exit-after-replay",
+         "--log-dir", str(tmp_path / "logs")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"kafka  {stack.kafka_bootstrap} (external)" in proc.stdout
+    assert f"redis  {stack.redis_url} (external)" in proc.stdout
+    assert "replay: sent=50 failed=0" in proc.stdout
+    assert not (tmp_path / "logs" / "kafka.log").exists()  # no broker of its own was started
