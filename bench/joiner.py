@@ -35,7 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.joiner_core import ITEMS_PER_REQUEST, make_stream
-from freshrec.devstack import LocalStack, free_port, wait_http_ok
+from freshrec.devstack import LocalStack, free_port
 from freshrec.kafka import (
     DeliveryTracker,
     consumer_config,
@@ -176,9 +176,7 @@ def closed_loop(stack: LocalStack, requests: int, rate: float, work: Path) -> di
     pipeline = LocalStack(external_kafka=stack.kafka_bootstrap, external_redis=stack.redis_url,
                           log_dir=work / "logs")
     try:
-        for component in ("trainer", "joiner", "service"):
-            pipeline.spawn_component(component, component, env=env)
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", timeout=120, stack=pipeline)
+        pipeline.start_pipeline(env, f"http://127.0.0.1:{port}/readyz", timeout=120)
         loop = ClosedLoop(f"http://127.0.0.1:{port}", stack.kafka_bootstrap, "loop.clicks",
                           ClosedLoopConfig(requests=requests, window=max(100, requests // 12),
                                            rate=rate, seed=7))

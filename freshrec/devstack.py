@@ -150,6 +150,15 @@ class LocalStack:
         return self._spawn(name, [sys.executable, "-m", "freshrec.cli", *args],
                            env=env or self.env())
 
+    def start_pipeline(self, env: dict[str, str], ready_url: str | None = None,
+                       components: tuple[str, ...] = ("trainer", "joiner", "service"),
+                       timeout: float = 90.0) -> None:
+        """Start freshrec components with ``env``; wait until ``ready_url`` answers 200."""
+        for component in components:
+            self.spawn_component(component, component, env=env)
+        if ready_url is not None:
+            wait_http_ok(ready_url, timeout=timeout, stack=self)
+
     def check_children(self) -> str | None:
         """Name of a child that exited on its own, if any."""
         for name, proc in self.children:

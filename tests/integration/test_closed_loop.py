@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freshrec.devstack import LocalStack, free_port, wait_http_ok
+from freshrec.devstack import LocalStack, free_port
 from freshrec.metrics import scrape
 from freshrec.settings import Settings
 from freshrec.simulate import ClosedLoop, ClosedLoopConfig
@@ -37,9 +37,7 @@ def test_served_ctr_rises_and_new_items_get_discovered(
     pipeline = LocalStack(external_kafka=stack.kafka_bootstrap, external_redis=stack.redis_url,
                           log_dir=tmp_path / "logs")
     try:
-        for component in ("trainer", "joiner", "service"):
-            pipeline.spawn_component(component, component, env=env)
-        wait_http_ok(f"http://127.0.0.1:{port}/readyz", timeout=90, stack=pipeline)
+        pipeline.start_pipeline(env, f"http://127.0.0.1:{port}/readyz")
         loop = ClosedLoop(f"http://127.0.0.1:{port}", settings.kafka_bootstrap,
                           settings.topic_clicks,
                           ClosedLoopConfig(requests=3000, window=300, rate=120, seed=3))
