@@ -284,11 +284,11 @@ def run(policy: Policy, stream: Callable, bernoulli: bool, seed: int,
 POLICIES: dict[str, tuple[Callable[[int, float], Policy], list[float]]] = {
     "random": (lambda s, _k: Random(s), [0.0]),
     "greedy": (lambda s, _k: DiagPolicy(s, alpha=0.0), [0.0]),
-    "eps_greedy": (lambda s, k: DiagPolicy(s, alpha=0.0, epsilon=k), [0.05, 0.1, 0.2]),
-    "diag_linucb": (lambda s, k: DiagPolicy(s, alpha=k), [0.1, 0.3, 1.0]),
+    "eps_greedy": (lambda s, k: DiagPolicy(s, alpha=0.0, epsilon=k), [0.02, 0.05, 0.1]),
+    "diag_linucb": (lambda s, k: DiagPolicy(s, alpha=k), [0.3, 1.0, 3.0]),
     "linucb_mabwiser": (lambda s, k: LinUCBPolicy(s, alpha=k), [0.1, 0.3, 1.0]),
-    "vw_squarecb": (lambda s, k: VWPolicy(s, "squarecb", k), [1.0, 10.0]),
-    "vw_epsilon": (lambda s, k: VWPolicy(s, "epsilon", k), [0.05, 0.2]),
+    "vw_squarecb": (lambda s, k: VWPolicy(s, "squarecb", k), [1.0, 10.0, 100.0]),
+    "vw_epsilon": (lambda s, k: VWPolicy(s, "epsilon", k), [0.02, 0.05, 0.2]),
 }
 
 
@@ -322,7 +322,7 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 2000 if args.quick else 6000
     seeds = [1] if args.quick else [1, 2, 3, 4, 5]
-    tune_rounds = rounds // 4 if args.quick else rounds // 2
+    tune_rounds = rounds // 5 if args.quick else rounds // 2
     envs = ["clustered", "drift_new_items"]
     try:
         from freshrec.data import fetch_movielens
