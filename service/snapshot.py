@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 import redis
@@ -31,6 +32,7 @@ from featurestore.snapshot_store import (
     Update,
 )
 from freshrec.metrics import ServiceMetrics
+from service.dense import NumpyCTR
 from trainer.model import CTRModel, load_model_arrays
 
 log = logging.getLogger("freshrec.service")
@@ -84,10 +86,12 @@ class SlotVectors:
                 self.matrix[r] = 0.0
                 self._free.append(r)
 
-    def rows(self, ids: np.ndarray) -> np.ndarray:
+    def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Row of each ID, 0 (the zero row) where unknown."""
-        get = self.index.get
-        return np.fromiter((get(k, 0) for k in ids.tolist()), dtype=np.int64, count=len(ids))
+        keys = ids.tolist() if isinstance(ids, np.ndarray) else ids
+        # map over the bound method: no generator frame per ID (about half the cost).
+        return np.fromiter(map(self.index.get, keys, repeat(0, len(keys))), dtype=np.int64,
+                           count=len(keys))
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """float32 ``(len(ids), dim)`` vectors; zeros for unknown IDs."""
@@ -138,6 +142,10 @@ class ServingSnapshot:
     centroids: np.ndarray | None = None
     counts: np.ndarray | None = None
     applied: dict[str, int] = field(default_factory=dict)
+    dense: NumpyCTR = field(init=False)  # the forward pass the service runs (from ``model``)
+
+    def __post_init__(self) -> None:
+        self.dense = NumpyCTR(self.model)
 
     @property
     def generation(self) -> str:
@@ -194,6 +202,7 @@ class ServingSnapshot:
                                   ts=h.clock)
         if rows.dense is not None:
             self.model = _dense_model(self.config, rows.dense)
+            self.dense = NumpyCTR(self.model)
         if rows.centroids is not None:
             self._set_centroids(rows.centroids)
         self.version = update.version
