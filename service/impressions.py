@@ -1,18 +1,20 @@
-"""Impression logging off the request path: a bounded queue drained by one producer thread.
+"""Impression logging off the request path: a bounded buffer drained by one producer thread.
 
-A scoring request only does ``queue.put_nowait`` (~1 µs); serialization and ``produce`` happen
-on the background thread. When Kafka is slow or down the queue fills and impressions are
-dropped and counted (``freshrec_service_impressions_total{outcome="dropped"}``) rather than
-adding latency or memory without bound: a lost impression only costs the trainer one negative
-(and the joiner's attribution for a click on it), while a stalled scoring path costs every user.
+A scoring request only appends to a deque (~0.1 µs, no lock, no thread wake-up); the producer
+thread wakes every few milliseconds, serializes whatever accumulated and hands it to librdkafka.
+(A ``queue.Queue`` cost a lock and a condition notify per request, and woke the thread — a
+context switch and a GIL hand-off — for every impression: ~8 % of a worker's time at load.)
+When Kafka is slow or down the buffer fills and impressions are dropped and counted
+(``freshrec_service_impressions_total{outcome="dropped"}``) rather than adding latency or memory
+without bound: a lost impression only costs the trainer one negative (and the joiner's
+attribution for a click on it), while a stalled scoring path costs every user.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import threading
+from collections import deque
 from typing import Any
 
 import orjson
@@ -26,17 +28,20 @@ log = logging.getLogger("freshrec.service")
 class KafkaSink:
     """The service's one Kafka producer (thread-safe), its delivery accounting and its poller.
 
-    Impressions go through :meth:`offer` (bounded queue, never blocks); ``/v1/events`` calls
+    Impressions go through :meth:`offer` (bounded buffer, never blocks); ``/v1/events`` calls
     :meth:`produce_now` directly, because the client is waiting for the 202 anyway and
     librdkafka's own queue is the buffer. Delivery reports are served by the thread's polls.
     """
 
     def __init__(self, producer: Producer, impressions_topic: str, queue_size: int,
-                 metrics: ServiceMetrics) -> None:
+                 metrics: ServiceMetrics, drain_interval_s: float = 0.005) -> None:
         self.producer = producer
         self.topic = impressions_topic
         self.metrics = metrics
-        self.queue: queue.Queue[tuple[bytes, dict[str, Any]] | None] = queue.Queue(queue_size)
+        self.queue_size = queue_size
+        self.drain_interval_s = drain_interval_s
+        # Appends (event loop) and pops (producer thread) of a deque are atomic under the GIL.
+        self.pending: deque[tuple[bytes, dict[str, Any]]] = deque()
         self.delivered = 0
         self.failed = 0
         self._thread = threading.Thread(target=self._drain, name="impressions", daemon=True)
@@ -46,13 +51,12 @@ class KafkaSink:
         self._thread.start()
 
     def offer(self, key: bytes, impression: dict[str, Any]) -> bool:
-        """Queue an impression; False (and counted) if the queue is full."""
-        try:
-            self.queue.put_nowait((key, impression))
-            return True
-        except queue.Full:
+        """Buffer an impression; False (and counted) if the buffer is full."""
+        if len(self.pending) >= self.queue_size:
             self.metrics.impressions.labels("dropped").inc()
             return False
+        self.pending.append((key, impression))
+        return True
 
     def _report(self, err: KafkaError | None, _msg: object) -> None:
         if err is None:
@@ -67,35 +71,31 @@ class KafkaSink:
         self.producer.produce(topic, value=value, key=key)
 
     def _drain(self) -> None:
+        pending = self.pending
+        while True:
+            stopping = self._stopped.is_set()
+            while pending:
+                key, impression = pending.popleft()
+                self._produce(key, orjson.dumps(impression, option=orjson.OPT_SERIALIZE_NUMPY))
+            self.producer.poll(0)
+            if stopping:
+                return
+            self._stopped.wait(self.drain_interval_s)
+
+    def _produce(self, key: bytes, value: bytes) -> None:
         while True:
             try:
-                item = self.queue.get(timeout=0.05)
-            except queue.Empty:
-                self.producer.poll(0)
-                if self._stopped.is_set():
-                    return
-                continue
-            if item is None:
+                self.producer.produce(self.topic, value=value, key=key, on_delivery=self._report)
                 return
-            key, impression = item
-            value = orjson.dumps(impression, option=orjson.OPT_SERIALIZE_NUMPY)
-            while True:
-                try:
-                    self.producer.produce(self.topic, value=value, key=key,
-                                          on_delivery=self._report)
-                    break
-                except BufferError:
-                    self.producer.poll(0.05)
-                    if self._stopped.is_set():
-                        self.metrics.impressions.labels("dropped").inc()
-                        break
-            self.producer.poll(0)
+            except BufferError:
+                self.producer.poll(0.05)
+                if self._stopped.is_set():
+                    self.metrics.impressions.labels("dropped").inc()
+                    return
 
     def close(self, timeout: float = 5.0) -> None:
-        """Send what is queued, then flush the producer (bounded by ``timeout``)."""
+        """Send what is buffered, then flush the producer (bounded by ``timeout``)."""
         self._stopped.set()
-        with contextlib.suppress(queue.Full):
-            self.queue.put(None, timeout=timeout)
         self._thread.join(timeout)
         remaining = self.producer.flush(timeout)
         if remaining:

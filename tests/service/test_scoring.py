@@ -1,13 +1,20 @@
-"""The service's pooling equals the trainer-side rule (``featurestore.pooling.mean_pool``).
+"""The service's fast paths agree with the reference code they replace.
 
-Equal up to float32 summation order: the served pCTRs are checked to 1e-5 end to end."""
+Pooling equals the trainer-side rule (``featurestore.pooling.mean_pool``) up to float32
+summation order (served pCTRs are checked to 1e-5 end to end); the orjson body parse returns
+exactly what the pydantic ``ScoreRequest`` does, or leaves the body to it."""
 
 from __future__ import annotations
 
 import numpy as np
+import orjson
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from featurestore.featurize import SlotIds
 from featurestore.pooling import mean_pool
+from service.app import ParsedScore, ScoreRequest, parse_score_body
 from service.scoring import pool_into
 from service.snapshot import SlotVectors
 
@@ -24,3 +31,37 @@ def test_pool_into_equals_mean_pool_with_empty_bags_and_unknown_ids() -> None:
         pool_into(out, store, s)
         np.testing.assert_allclose(out, mean_pool(store.lookup(s.ids), s.offsets), rtol=1e-6,
                                    atol=1e-7)
+
+
+def _via_pydantic(body: dict) -> ParsedScore | str:
+    try:
+        req = ScoreRequest.model_validate_json(orjson.dumps(body))
+    except ValidationError:
+        return "invalid"
+    return ParsedScore(req.user_id, req.features,
+                       [(c.item_id, c.features) for c in req.candidates], req.top_k,
+                       req.explore, req.request_id)
+
+
+@pytest.mark.parametrize("change", [
+    {}, {"features": {}}, {"top_k": 3, "explore": False, "request_id": "r1"},
+    {"features": {"age": 3.0}}, {"features": {"flag": True}}, {"features": {"n": 1 << 63}},
+    {"features": {"x": 1.5, "g": ["a", "b"], "n": -(1 << 63)}}, {"features": {"g": [1]}},
+    {"features": {"k" * 65: 1}}, {"user_id": ""}, {"user_id": 7}, {"top_k": 0},
+    {"top_k": True}, {"explore": 1}, {"request_id": None}, {"extra": 1}, {"candidates": []},
+    {"candidates": [{"item_id": "m1", "features": {"year": 1999.0}}]},
+    {"candidates": [{"item_id": "m1", "other": 1}]}, {"candidates": [{"item_id": "m1"}]},
+])
+def test_fast_body_parse_agrees_with_the_pydantic_model(change: dict) -> None:
+    body = {"user_id": "u1", "features": {"age": 31, "zip": "94"},
+            "candidates": [{"item_id": f"m{j}", "features": {"genres": ["Drama"], "year": j}}
+                           for j in range(3)]} | change
+    want = _via_pydantic(body)
+    if want == "invalid":
+        with pytest.raises(RequestValidationError):
+            parse_score_body(orjson.dumps(body))
+    else:
+        got = parse_score_body(orjson.dumps(body))
+        assert got == want
+        assert [type(v) for v in got.features.values()] == [
+            type(v) for v in want.features.values()]
