@@ -79,7 +79,7 @@ class Scorer:
         # (item_id, serialized features) -> per item-slot ID lists. Featurizing 100 candidates
         # (hashing every value in Python) was the largest cost of a request; candidate items
         # repeat across requests, so their IDs (not their vectors, which change) are cached.
-        self._item_ids: dict[tuple[str, bytes], tuple[list[int], ...]] = {}
+        self._item_ids: dict[tuple[str, bytes], tuple[tuple[int, ...], ...]] = {}
         self.item_cache_size = item_cache_size
         ends = np.cumsum([s.dim for s in config.slots]).tolist()
         self.width = ends[-1] if ends else 0
@@ -96,7 +96,9 @@ class Scorer:
                 rec = dict(feats)
                 rec["item_id"] = item_id
                 b = self.featurizer.featurize([rec], SlotSide.ITEM)
-                ids = tuple(b.slots[s].ids.tolist() for s in self.item_slots)
+                # Tuples of ints: the collector untracks them, so a big cache adds nothing
+                # to the cost of a full collection.
+                ids = tuple(tuple(b.slots[s].ids.tolist()) for s in self.item_slots)
                 if len(cache) >= self.item_cache_size:
                     cache.clear()  # crude bound; a miss only costs one featurization
                 cache[key] = ids
@@ -129,9 +131,13 @@ class Scorer:
         for slot, (a, b) in zip(self.config.slots, self.columns, strict=True):
             store = snapshot.slots[slot.name]
             if slot.side is SlotSide.USER:
-                pooled = np.empty((1, b - a), dtype=np.float32)
-                pool_into(pooled, store, ub.slots[slot.name])
-                x[:, a:b] = pooled
+                s = ub.slots[slot.name]
+                if len(s.ids) == 1:  # the usual case: one value, no pooling
+                    x[:, a:b] = store.vector(int(s.ids[0]))
+                else:
+                    pooled = np.empty((1, b - a), dtype=np.float32)
+                    pool_into(pooled, store, s)
+                    x[:, a:b] = pooled
             else:
                 s = item_ids[slot.name]
                 pool_into(x[:, a:b], store, s)

@@ -93,6 +93,10 @@ class SlotVectors:
         return np.fromiter(map(self.index.get, keys, repeat(0, len(keys))), dtype=np.int64,
                            count=len(keys))
 
+    def vector(self, key: int) -> np.ndarray:
+        """The vector of one ID (a view; the zero row when unknown)."""
+        return self.matrix[self.index.get(key, 0)]
+
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """float32 ``(len(ids), dim)`` vectors; zeros for unknown IDs."""
         return self.matrix[self.rows(ids)]
