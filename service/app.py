@@ -9,7 +9,6 @@ a module-level global.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import math
 import time
@@ -429,10 +428,6 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
                          metrics)
         sink.start()
         app.state.follower, app.state.sink = follower, sink
-        # Everything allocated so far (torch, pydantic, FastAPI: ~200 k tracked objects) lives
-        # as long as the process; without this a full collection walks it all, ~90 ms during
-        # which this worker answers nothing (the 100+ ms max latencies of the benchmark).
-        gc.freeze()
         task = asyncio.create_task(follower.run(), name="snapshot-follower")
         try:
             yield
