@@ -241,15 +241,18 @@ def main() -> int:
         service = stack.spawn_component("service", "service", env=env)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
-        while True:
+        ready = 0
+        # Every worker loads its own snapshot and each new connection may land on any of
+        # them: wait for a run of ready answers, not the first one.
+        while ready < 10 * args.workers:
             try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
+                ok = httpx.get(f"{url}/readyz", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
+                ok = False
+            ready = ready + 1 if ok else 0
             if time.monotonic() > deadline or stack.check_children():
                 raise RuntimeError(f"service did not become ready: {stack.check_children()}")
-            time.sleep(0.2)
+            time.sleep(0.02 if ok else 0.2)
         body_file, lua = tmp / "body.json", tmp / "post.lua"
         body_file.write_text(json.dumps(body))
         lua.write_text(LUA)

@@ -478,11 +478,11 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
         request_id = req.request_id or uuid.uuid4().hex
         age = max(0.0, time.time() - snap.updated)
         out, shown = [], []
-        pctr, bonus, sc = result.pctr, result.bonus, result.score
-        for pos, (i, explored) in enumerate(zip(result.order.tolist(),
-                                                result.explored.tolist(), strict=True)):
+        order, bonus = result.order, result.bonus
+        for pos, (i, p, b, s, explored) in enumerate(zip(
+                order.tolist(), result.pctr[order].tolist(), bonus[order].tolist(),
+                result.score[order].tolist(), result.explored.tolist(), strict=True)):
             item_id, feats = items[i]
-            p, b, s = float(pctr[i]), float(bonus[i]), float(sc[i])
             out.append({"item_id": item_id, "score": s, "pctr": p, "bonus": b,
                         "explored": explored})
             shown.append({"item_id": item_id, "position": pos, "score": s, "pctr": p,

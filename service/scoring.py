@@ -88,11 +88,12 @@ class Scorer:
     def _item_slot_ids(self, items: Sequence[tuple[str, Mapping[str, Any]]]
                        ) -> dict[str, SlotIds]:
         cache = self._item_ids
-        per_item = []
-        for item_id, feats in items:
-            key = (item_id, orjson.dumps(feats) if feats else b"")
-            ids = cache.get(key)
+        dumps = orjson.dumps
+        keys = [(item_id, dumps(feats) if feats else b"") for item_id, feats in items]
+        per_item = list(map(cache.get, keys))
+        for j, ids in enumerate(per_item):
             if ids is None:
+                item_id, feats = items[j]
                 rec = dict(feats)
                 rec["item_id"] = item_id
                 b = self.featurizer.featurize([rec], SlotSide.ITEM)
@@ -101,11 +102,10 @@ class Scorer:
                 ids = tuple(tuple(b.slots[s].ids.tolist()) for s in self.item_slots)
                 if len(cache) >= self.item_cache_size:
                     cache.clear()  # crude bound; a miss only costs one featurization
-                cache[key] = ids
-            per_item.append(ids)
+                cache[keys[j]] = per_item[j] = ids
+        per_slot = zip(*per_item, strict=True) if per_item else [() for _ in self.item_slots]
         out = {}
-        for k, slot in enumerate(self.item_slots):
-            lists = [ids[k] for ids in per_item]
+        for slot, lists in zip(self.item_slots, per_slot, strict=True):
             offsets = np.zeros(len(lists) + 1, dtype=np.int64)
             np.cumsum(list(map(len, lists)), out=offsets[1:])
             flat = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
