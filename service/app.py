@@ -279,6 +279,8 @@ class GuardAndMeasure:
         self.app = app
         self.max_body = max_body
         self.metrics = metrics
+        self._seconds: dict[str, Any] = {}
+        self._responses: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -307,8 +309,17 @@ class GuardAndMeasure:
             await self._too_large(send)
             status[0] = 413
         finally:
-            self.metrics.request_seconds.labels(route).observe(time.perf_counter() - started)
-            self.metrics.responses.labels(route, str(status[0])).inc()
+            # Labelled children are cached: ``labels()`` takes a lock and builds a key per call.
+            seconds = self._seconds.get(route)
+            if seconds is None:
+                seconds = self._seconds[route] = self.metrics.request_seconds.labels(route)
+            seconds.observe(time.perf_counter() - started)
+            key = (route, status[0])
+            responses = self._responses.get(key)
+            if responses is None:
+                responses = self._responses[key] = self.metrics.responses.labels(
+                    route, str(status[0]))
+            responses.inc()
 
     async def _buffered(self, receive: Receive) -> Receive:
         """Read a chunked body up to the limit first (no Content-Length to check)."""
