@@ -195,8 +195,13 @@ def test_score_of_1000_candidates_is_under_a_millisecond() -> None:
     rng = np.random.default_rng(5)
     m = DiagLinUCB(64)
     n = 200_000
-    m.update(rng.integers(0, 2**62, n), rng.integers(0, 64, (n, 4)), np.full((n, 4), 0.25),
-             np.zeros(n), 0.0)
+    m.update(
+        rng.integers(0, 2**62, n),
+        rng.integers(0, 64, (n, 4)),
+        np.full((n, 4), 0.25),
+        np.zeros(n),
+        0.0,
+    )
     q = rng.integers(0, 2**62, 1000)
     cl, w = np.array([1, 2, 3, 4]), np.full(4, 0.25)
     m.score(q, cl, w)
