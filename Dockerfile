@@ -19,6 +19,7 @@ COPY pyproject.toml README.md ./
 COPY freshrec ./freshrec
 COPY featurestore ./featurestore
 COPY trainer ./trainer
+COPY joiner ./joiner
 COPY service ./service
 COPY bandit ./bandit
 RUN pip install . \

@@ -4,7 +4,7 @@ Two parts, one run:
 
 1. **Joiner throughput through Kafka.** The stream of ``bench/joiner_core.py`` (requests of 10
    shown items, 5% click rate, exponential click delays) is produced to a real broker; a
-   :class:`trainer.joiner_main.JoinerProcess` consumes it and produces every label to the events
+   :class:`joiner.process.JoinerProcess` consumes it and produces every label to the events
    topic. Shown items per second from the first consumed message to the last label delivered,
    beside the broker's raw consume rate of the same messages and the pure join (no Kafka) of
    ``joiner_core``. Join delay: event time from impression to emitted label.
@@ -46,7 +46,7 @@ from freshrec.metrics import JoinerMetrics, scrape
 from freshrec.runtime import tune_gc
 from freshrec.settings import Settings
 from freshrec.simulate import ClosedLoop, ClosedLoopConfig
-from trainer.joiner_main import JoinerProcess
+from joiner.process import JoinerProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

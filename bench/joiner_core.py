@@ -33,7 +33,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurestore.events import Click, Impression
-from trainer.joiner import Joiner
+from joiner.join import Joiner
 
 ITEMS_PER_REQUEST = 10
 CLICK_RATE = 0.05

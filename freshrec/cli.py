@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, func in (("trainer", "trainer.main", "run"),
                                ("service", "service.main", "run"),
-                               ("joiner", "trainer.joiner_main", "run")):
+                               ("joiner", "joiner.process", "run")):
         sub.add_parser(name, help=f"run the {name}").set_defaults(func=_component(module, func))
     return parser
 

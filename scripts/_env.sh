@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
-extras="${FRESHREC_EXTRAS:-dev}"
+extras="${INSTALL_EXTRAS:-dev}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi

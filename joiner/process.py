@@ -48,8 +48,8 @@ from freshrec.kafka import (
 from freshrec.metrics import JoinerMetrics
 from freshrec.runtime import tune_gc
 from freshrec.settings import Settings
+from joiner.join import ClickOutcome, Joiner
 from trainer.checkpoint import Checkpointer
-from trainer.joiner import ClickOutcome, Joiner
 
 log = logging.getLogger("freshrec.joiner")
 _NEG_INF = float("-inf")
@@ -64,7 +64,7 @@ def _from_json_ts(ts: float | None) -> float:
 
 
 class JoinerProcess:
-    """The Kafka side of :class:`trainer.joiner.Joiner`."""
+    """The Kafka side of :class:`joiner.join.Joiner`."""
 
     def __init__(self, settings: Settings, metrics: JoinerMetrics | None = None) -> None:
         self.settings = settings

@@ -20,7 +20,7 @@ from featurestore.events import (
     ShownItem,
     parse_labeled_event,
 )
-from trainer.joiner import (
+from joiner.join import (
     ClickOutcome,
     Joiner,
     example_id,
