@@ -92,7 +92,7 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
         topic_impressions="bj.impressions", topic_clicks="bj.clicks", topic_events="bj.events",
         topic_dlq="bj.dlq", joiner_window_s=20.0, joiner_lateness_s=2.0,
         joiner_checkpoint_dir=work / "joiner-ckpt", joiner_metrics_port=0,
-        trainer_checkpoint_interval_s=3600, joiner_group_id="bj")
+        joiner_checkpoint_interval_s=3600, joiner_group_id="bj")
     from freshrec.kafka import create_topics
 
     create_topics(stack.kafka_bootstrap, ["bj.impressions", "bj.clicks", "bj.events", "bj.dlq"],
