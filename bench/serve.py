@@ -199,15 +199,18 @@ def run_wrk(url: str, rate: int, seconds: float, body_file: Path, lua: Path,
             "loadavg_1m": os.getloadavg()[0]}
 
 
-def start_service(stack: LocalStack, port: int, workers: int) -> subprocess.Popen:
+def start_service(stack: LocalStack, port: int, workers: int, name: str = "service",
+                  extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """``freshrec service`` as a user starts it: the shipped defaults, ``WEB_CONCURRENCY``
-    workers, and no thread variables (the service sizes its own pools, freshrec/runtime.py)."""
+    workers, and no thread variables (the service sizes its own pools, freshrec/runtime.py).
+    ``extra_env`` departs from that on purpose (bench/serve_budget.py's comparisons)."""
     env = {k: v for k, v in stack.env().items() if k not in THREAD_ENV_VARS}
     env |= {f"FRESHREC_{k.upper()}": str(v) for k, v in {
         "model_name": MODEL, "topic_events": "bench.events",
         "topic_impressions": "bench.impressions", "service_port": port}.items()}
     env["WEB_CONCURRENCY"] = str(workers)
-    return stack.spawn_component("service", "service", env=env)
+    env |= extra_env or {}
+    return stack.spawn_component(name, "service", env=env)
 
 
 def wait_ready(stack: LocalStack, url: str, workers: int, timeout: float = 60.0) -> None:

@@ -95,9 +95,10 @@ class TrainerMetrics:
         for name, counter, total in (("admitted", self.admitted, admitted),
                                      ("evicted", self.evicted, evicted),
                                      ("rejected", self.rejected, rejected)):
+            child = counter.labels(slot)  # exported from the start, also while still 0
             last = self._table_totals.get((name, slot), 0)
             if total > last:
-                counter.labels(slot).inc(total - last)
+                child.inc(total - last)
             self._table_totals[(name, slot)] = total
 
 

@@ -30,7 +30,7 @@ import socket
 import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -186,10 +186,13 @@ def run(settings: Settings) -> int:
     log.info("%d worker(s), %d thread(s) per native pool in each", workers, share)
     common = dict(host=settings.service_host, port=settings.service_port, log_level="warning",
                   access_log=False, **_fast_loop())
-    if workers == 1:
-        uvicorn.run(_serving_app(settings), **common)
-        return 0
-    with multiprocess_metrics_dir():
+    # Shared metrics for several workers, or in the directory an operator named (which may hold
+    # a previous start's files: k8s keeps an emptyDir across container restarts).
+    shared = workers > 1 or bool(os.environ.get(MULTIPROC_ENV))
+    with multiprocess_metrics_dir() if shared else nullcontext():
+        if workers == 1:
+            uvicorn.run(_serving_app(settings), **common)
+            return 0
         if hasattr(socket, "SO_REUSEPORT"):
             return run_workers(workers, settings.service_host, settings.service_port, common)
         uvicorn.run("service.main:app_from_env", factory=True, workers=workers, **common)

@@ -207,3 +207,10 @@ def test_image_gives_numba_a_writable_cache() -> None:
     chown = re.search(r"chown -R freshrec:freshrec ([^\n]+)", text).group(1).split()
     assert any(cache == d or cache.startswith(d + "/") for d in chown), chown
 
+
+
+def test_service_runs_the_measured_layout(compose: dict) -> None:
+    env = _env(compose, "service")
+    # bench/serve.py: two workers, one thread per native pool in each
+    assert int(env["WEB_CONCURRENCY"]) == 2
+    assert _settings_from(env).cpu_threads // int(env["WEB_CONCURRENCY"]) == 1

@@ -3,6 +3,7 @@ and each worker's native thread pools are sized to its share of the CPU budget."
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -68,3 +69,18 @@ def test_one_scrape_covers_every_worker_and_each_sizes_its_pools(service: str) -
         # The service runs torch's intra-op pool (OpenMP) with one thread on purpose (small
         # concurrent requests, service/snapshot.py); its forward pass is numpy (BLAS above).
         assert worker["torch"] == worker["openmp"] == 1, worker
+
+
+def test_each_start_gets_a_clean_metrics_directory(tmp_path, monkeypatch) -> None:
+    from service.main import MULTIPROC_ENV, multiprocess_metrics_dir
+
+    given = tmp_path / "metrics"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"a previous start's values")
+    monkeypatch.setenv(MULTIPROC_ENV, str(given))
+    with multiprocess_metrics_dir() as directory:
+        assert directory == given and not list(given.iterdir())
+    monkeypatch.delenv(MULTIPROC_ENV)
+    with multiprocess_metrics_dir() as directory:
+        assert os.environ[MULTIPROC_ENV] == str(directory) and directory.is_dir()
+    assert MULTIPROC_ENV not in os.environ and not directory.exists()
