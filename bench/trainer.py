@@ -222,7 +222,6 @@ def trainer_rate(stack: LocalStack, topic: str, total: int, checkpoint_dir: Path
                         topic_events=topic, trainer_group_id=f"bench-{uuid.uuid4().hex[:8]}",
                         trainer_checkpoint_dir=checkpoint_dir, trainer_metrics_port=0)
     config = load_model_config(settings.model_config_path)
-    apply_thread_budget(cpu_budget(settings.cpu_threads))  # as `freshrec trainer` does
     trainer = Trainer(settings, config)
     tune_gc()  # as `freshrec trainer` does
     marks: dict[str, float] = {}
@@ -342,6 +341,7 @@ def main() -> None:
     parser.add_argument("--no-kafka", action="store_true", help="skip the broker measurements")
     args = parser.parse_args()
     require_shipped_extras()
+    apply_thread_budget(cpu_budget())  # as `freshrec trainer` sizes its pools
     quick = args.quick
     started = time.perf_counter()
     config = load_model_config(default_model_config_path())
