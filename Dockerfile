@@ -22,7 +22,9 @@ COPY trainer ./trainer
 COPY joiner ./joiner
 COPY service ./service
 COPY bandit ./bandit
-RUN pip install . \
+# Exactly the extras the benchmarks measure with (bench/__init__.py SHIPPED_EXTRAS): serve =
+# uvloop + httptools, the service's event loop and HTTP parser.
+RUN pip install ".[serve,train]" \
  && find "$VIRTUAL_ENV" -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 FROM python:3.11-slim
@@ -33,13 +35,17 @@ ENV VIRTUAL_ENV=/opt/venv \
     FRESHREC_DATA_DIR=/var/lib/freshrec \
     FRESHREC_TRAINER_CHECKPOINT_DIR=/var/lib/freshrec/checkpoints \
     FRESHREC_JOINER_CHECKPOINT_DIR=/var/lib/freshrec/joiner-checkpoints \
-    FRESHREC_SERVICE_HOST=0.0.0.0
+    FRESHREC_SERVICE_HOST=0.0.0.0 \
+    NUMBA_CACHE_DIR=/var/cache/freshrec/numba
 # A fixed non-root uid/gid, so volume ownership (compose volumes, k8s fsGroup) is predictable.
 RUN groupadd --system --gid 10001 freshrec \
  && useradd --system --uid 10001 --gid freshrec --home-dir /var/lib/freshrec \
             --shell /usr/sbin/nologin freshrec \
+# numba's @njit(cache=True) writes compiled code to NUMBA_CACHE_DIR: the venv is root's and
+# read-only to uid 10001 (k8s mounts an emptyDir there, as its root filesystem is read-only).
  && mkdir -p /var/lib/freshrec/checkpoints /var/lib/freshrec/joiner-checkpoints \
- && chown -R freshrec:freshrec /var/lib/freshrec
+             /var/cache/freshrec/numba \
+ && chown -R freshrec:freshrec /var/lib/freshrec /var/cache/freshrec
 COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /var/lib/freshrec

@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bandit.clusters import OnlineKMeans
 from bandit.context import context_for
 from bandit.diag_linucb import DiagLinUCB
+from freshrec.runtime import apply_thread_budget, cpu_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_ML = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
@@ -405,6 +406,8 @@ def main() -> None:
     ap.add_argument("--movielens", default=str(DEFAULT_ML), help="RecBole ml-100k directory")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
+    # The runs go to parallel worker processes: each gets its share of the CPUs (inherited).
+    apply_thread_budget(max(1, cpu_budget() // args.workers))
     T = 10_000 if args.quick else 40_000
     T_tune = T // 2
     deadline = 8.0 if args.quick else 300.0

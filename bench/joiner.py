@@ -34,6 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import require_shipped_extras
 from bench.joiner_core import ITEMS_PER_REQUEST, make_stream
 from freshrec.devstack import LocalStack, free_port
 from freshrec.kafka import (
@@ -43,7 +44,7 @@ from freshrec.kafka import (
     producer_config,
 )
 from freshrec.metrics import JoinerMetrics, scrape
-from freshrec.runtime import tune_gc
+from freshrec.runtime import apply_thread_budget, cpu_budget, tune_gc
 from freshrec.settings import Settings
 from freshrec.simulate import ClosedLoop, ClosedLoopConfig
 from joiner.process import JoinerProcess
@@ -92,7 +93,7 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
         topic_impressions="bj.impressions", topic_clicks="bj.clicks", topic_events="bj.events",
         topic_dlq="bj.dlq", joiner_window_s=20.0, joiner_lateness_s=2.0,
         joiner_checkpoint_dir=work / "joiner-ckpt", joiner_metrics_port=0,
-        trainer_checkpoint_interval_s=3600, joiner_group_id="bj")
+        joiner_checkpoint_interval_s=3600, joiner_group_id="bj")
     from freshrec.kafka import create_topics
 
     create_topics(stack.kafka_bootstrap, ["bj.impressions", "bj.clicks", "bj.events", "bj.dlq"],
@@ -103,6 +104,7 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
                                 len(imps) + len(clicks))
 
     metrics = JoinerMetrics()
+    apply_thread_budget(cpu_budget(settings.cpu_threads))  # as `freshrec joiner` does
     process = JoinerProcess(settings, metrics)
     tune_gc()  # as `freshrec joiner` does
     stop = threading.Event()
@@ -226,6 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    require_shipped_extras()
     n_requests = 20_000 if args.quick else 100_000
     loop_requests, loop_rate = (4000, 100.0) if args.quick else (12_000, 100.0)
     with tempfile.TemporaryDirectory() as tmp, LocalStack(log_dir=Path(tmp) / "stack") as stack:

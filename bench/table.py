@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurestore.table import EmbeddingTable, TableConfig
+from freshrec.runtime import apply_thread_budget, cpu_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH = 65_536
@@ -246,6 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="under a minute")
     args = ap.parse_args()
+    apply_thread_budget(cpu_budget())  # as freshrec's processes size their pools
     reps, zipf_batches = (20, 600) if args.quick else (100, 3000)
     warm_up()
     zipf = bench_zipf(zipf_batches)  # first, so its RSS delta starts from a clean heap

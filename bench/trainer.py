@@ -41,6 +41,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import require_shipped_extras
 from featurestore.events import parse_labeled_event
 from featurestore.featurize import SlotIds, SparseBatch, event_record
 from featurestore.schema import ModelConfig, load_model_config
@@ -48,7 +49,7 @@ from freshrec.data import fetch_movielens, load_movielens
 from freshrec.devstack import LocalStack
 from freshrec.kafka import consumer_config
 from freshrec.replay import replay
-from freshrec.runtime import tune_gc
+from freshrec.runtime import apply_thread_budget, cpu_budget, tune_gc
 from freshrec.settings import Settings, default_model_config_path
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
 from trainer.learner import DEFAULT_MICRO_BATCH, OnlineLearner
@@ -339,6 +340,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="< 2 minutes: smaller runs")
     parser.add_argument("--no-kafka", action="store_true", help="skip the broker measurements")
     args = parser.parse_args()
+    require_shipped_extras()
+    apply_thread_budget(cpu_budget())  # as `freshrec trainer` sizes its pools
     quick = args.quick
     started = time.perf_counter()
     config = load_model_config(default_model_config_path())

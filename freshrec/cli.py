@@ -185,6 +185,10 @@ def _component(module: str, func: str) -> Callable[[argparse.Namespace], int]:
         settings = _settings()
         import importlib
 
+        from freshrec.runtime import apply_thread_budget, cpu_budget
+
+        # Before the component's imports load numpy/torch/numba: their pools start sized.
+        apply_thread_budget(cpu_budget(settings.cpu_threads))
         entry = getattr(importlib.import_module(module), func)
         signal.signal(signal.SIGTERM, _raise_stop)
         try:

@@ -1,15 +1,31 @@
 """Every Prometheus metric freshrec exports, in one place.
 
-Names follow Prometheus conventions (``_total`` counters, ``_seconds`` in base units). Label sets
-are bounded: slot names, partitions, outcomes, routes and status codes, never IDs. Each process
-registers only the group it uses, in its own registry, so tests can build several in one process.
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` in base units); cumulative
+figures are Counters, never Gauges. Label sets are bounded: slot names, partitions, outcomes,
+routes, status codes and thread pools, never IDs. Each process registers only the group it uses,
+in its own registry, so tests can build several in one process.
+
+Several service workers (``WEB_CONCURRENCY``) share one ``/metrics``: ``freshrec service`` then
+sets ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, a fresh directory per
+start), every worker writes its values there, and :meth:`ServiceMetrics.exposition` of whichever
+worker answers the scrape sums them. Each gauge says how workers combine (``multiprocess_mode``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from freshrec.health import Heartbeat
 
 _STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -37,13 +53,14 @@ class TrainerMetrics:
         self.table_rows = Gauge(p + "table_rows", "Live rows per slot.", ["slot"], registry=r)
         self.table_bytes = Gauge(p + "table_bytes", "Bytes held per slot table.", ["slot"],
                                  registry=r)
-        self.admitted = Gauge(p + "table_admitted_total", "IDs admitted per slot (cumulative).",
-                              ["slot"], registry=r)
-        self.evicted = Gauge(p + "table_evicted_total", "Rows evicted per slot (cumulative).",
-                             ["slot"], registry=r)
-        self.rejected = Gauge(p + "table_rejected_total",
-                              "Lookups of not-yet-admitted IDs per slot (cumulative).",
-                              ["slot"], registry=r)
+        self.admitted = Counter(p + "table_admitted", "IDs admitted per slot.", ["slot"],
+                                registry=r)
+        self.evicted = Counter(p + "table_evicted", "Rows evicted per slot.", ["slot"],
+                               registry=r)
+        self.rejected = Counter(p + "table_rejected",
+                                "Lookups of not-yet-admitted IDs per slot.", ["slot"],
+                                registry=r)
+        self._table_totals: dict[tuple[str, str], int] = {}
         self.lag = Gauge(p + "consumer_lag", "Messages behind the high watermark.", ["partition"],
                          registry=r)
         self.event_time = Gauge(p + "last_event_timestamp_seconds",
@@ -65,6 +82,24 @@ class TrainerMetrics:
                                             registry=r)
         self.bandit_items = Gauge(p + "bandit_items", "Items with exploration statistics.",
                                   registry=r)
+        self.threads = thread_pool_gauge(p, r)
+        self.heartbeat = Heartbeat()  # beaten by the training loop, read by /healthz
+
+    def table_totals(self, slot: str, admitted: int, evicted: int, rejected: int) -> None:
+        """Advance the slot's counters to the table's cumulative figures.
+
+        The table keeps the totals (they survive checkpoints); the counters move by the
+        difference since the last call. A total that went down (a table restored from an older
+        checkpoint) becomes the new baseline.
+        """
+        for name, counter, total in (("admitted", self.admitted, admitted),
+                                     ("evicted", self.evicted, evicted),
+                                     ("rejected", self.rejected, rejected)):
+            child = counter.labels(slot)  # exported from the start, also while still 0
+            last = self._table_totals.get((name, slot), 0)
+            if total > last:
+                child.inc(total - last)
+            self._table_totals[(name, slot)] = total
 
 
 @dataclass
@@ -86,6 +121,8 @@ class JoinerMetrics:
                                     "Event-time delay from impression to emitted example.",
                                     buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
                                     registry=r)
+        self.threads = thread_pool_gauge(p, r)
+        self.heartbeat = Heartbeat()  # beaten by the joining loop, read by /healthz
 
 
 @dataclass
@@ -104,23 +141,52 @@ class ServiceMetrics:
                                  ["route", "status"], registry=r)
         self.candidates = Histogram(p + "candidates", "Candidates per score request.",
                                     buckets=(1, 10, 50, 100, 200, 500, 1000, 5000), registry=r)
+        # Across workers: the oldest snapshot is what the replica guarantees.
         self.snapshot_version = Gauge(p + "snapshot_version", "Version of the served snapshot.",
-                                      registry=r)
+                                      registry=r, multiprocess_mode="livemin")
         self.snapshot_age = Gauge(p + "snapshot_age_seconds",
-                                  "Seconds since the served snapshot was published.", registry=r)
+                                  "Seconds since the served snapshot was published.", registry=r,
+                                  multiprocess_mode="livemax")
         self.snapshot_updates = Counter(p + "snapshot_updates_total",
                                         "Update-stream entries applied, by kind.", ["kind"],
                                         registry=r)
-        self.ready = Gauge(p + "ready", "1 once a valid snapshot is loaded.", registry=r)
+        self.ready = Gauge(p + "ready", "1 once a valid snapshot is loaded.", registry=r,
+                           multiprocess_mode="livemin")
         self.impressions = Counter(p + "impressions_total", "Impressions by outcome.",
                                    ["outcome"], registry=r)
         self.explored_items = Counter(p + "explored_items_total",
                                       "Served items promoted by exploration.", registry=r)
         self.served_items = Counter(p + "served_items_total", "Served items.", registry=r)
-        self.bonus = Histogram(p + "exploration_bonus", "Exploration bonus of served items.",
+        self.bonus = Histogram(p + "exploration_bonus",
+                               "Mean exploration bonus of the items one request served.",
                                buckets=(0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)
         self.events_accepted = Counter(p + "events_total", "Events accepted on /v1/events.",
                                        registry=r)
+        self.threads = thread_pool_gauge(p, r)
+
+    def exposition(self) -> bytes:
+        """Prometheus text of this replica: every worker's values in multiprocess mode."""
+        directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not directory:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)
+        return generate_latest(registry)
+
+
+def thread_pool_gauge(prefix: str, registry: CollectorRegistry) -> Gauge:
+    """``<prefix>thread_pool_size{pool}``: what :func:`freshrec.runtime.thread_pools` reports.
+
+    Per worker in multiprocess mode (a ``pid`` label), so each worker's sizing is visible.
+    """
+    return Gauge(prefix + "thread_pool_size", "Threads a native pool of the process may use.",
+                 ["pool"], registry=registry, multiprocess_mode="liveall")
+
+
+def report_thread_pools(gauge: Gauge, pools: dict[str, int]) -> None:
+    """Set the gauge from a :func:`freshrec.runtime.thread_pools` report."""
+    for pool, size in pools.items():
+        gauge.labels(pool).set(size)
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, float]:

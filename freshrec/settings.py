@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     topic_dlq: str = "freshrec.events.dlq"
     topic_partitions: PositiveInt = 4
     data_dir: Path = Path("var")
+    # Whole CPUs this process may keep busy; every native thread pool (BLAS, OpenMP, torch,
+    # numba) is sized from it, and the service divides it among its workers (WEB_CONCURRENCY).
+    # Unset: the cgroup CPU quota (cpu.max, or v1 cpu.cfs_quota_us) rounded down, else the CPUs
+    # in the affinity mask. OMP_NUM_THREADS and the like are set from it, not read.
+    cpu_threads: PositiveInt | None = None
 
     # --- model ----------------------------------------------------------------------------
     model_name: str = "movielens"
@@ -65,6 +70,9 @@ class Settings(BaseSettings):
     trainer_seed: int = 0
     # Append every applied event id to this file (debugging, delivery audits); off by default.
     trainer_audit_log: Path | None = None
+    # /healthz on the metrics port fails once the training loop has not come round for this
+    # long (a checkpoint of big tables is the longest legitimate pause).
+    trainer_liveness_timeout_s: PositiveFloat = 120.0
 
     # --- joiner ---------------------------------------------------------------------------
     joiner_window_s: PositiveFloat = 300.0
@@ -74,6 +82,8 @@ class Settings(BaseSettings):
     joiner_group_id: str = "freshrec-joiner"
     joiner_checkpoint_dir: Path = Path("var/joiner-checkpoints")
     joiner_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9102
+    joiner_checkpoint_interval_s: PositiveFloat = 30.0
+    joiner_liveness_timeout_s: PositiveFloat = 120.0
 
     # --- service --------------------------------------------------------------------------
     service_host: str = "127.0.0.1"

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from prometheus_client import start_http_server
 from pydantic import ValidationError
 
 from featurestore.events import (
@@ -37,6 +36,7 @@ from featurestore.events import (
     LabeledEvent,
     describe_validation_error,
 )
+from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import (
     DeliveryTracker,
     assign_from,
@@ -45,8 +45,8 @@ from freshrec.kafka import (
     create_topics,
     producer_config,
 )
-from freshrec.metrics import JoinerMetrics
-from freshrec.runtime import tune_gc
+from freshrec.metrics import JoinerMetrics, report_thread_pools
+from freshrec.runtime import apply_thread_budget, cpu_budget, tune_gc
 from freshrec.settings import Settings
 from joiner.join import ClickOutcome, Joiner
 from trainer.checkpoint import Checkpointer
@@ -231,7 +231,7 @@ class JoinerProcess:
         for delay in self.joiner.drain_join_delays():
             self.metrics.join_delay.observe(float(delay))
         self._producer.poll(0)
-        if now - self._last_checkpoint >= self.settings.trainer_checkpoint_interval_s:
+        if now - self._last_checkpoint >= self.settings.joiner_checkpoint_interval_s:
             self.checkpoint()
 
     def run(self, stop: threading.Event) -> None:
@@ -240,6 +240,7 @@ class JoinerProcess:
         self._consumer.subscribe([s.topic_impressions, s.topic_clicks], on_assign=self._on_assign)
         try:
             while not stop.is_set():
+                self.metrics.heartbeat.beat()
                 messages = self._consumer.consume(10_000, timeout=0.05)
                 for msg in messages:
                     err = msg.error()
@@ -259,14 +260,17 @@ class JoinerProcess:
 
 
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
-    """Serve metrics and join until SIGTERM."""
+    """Size the thread pools, serve metrics and /healthz, and join until SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    pools = apply_thread_budget(cpu_budget(settings.cpu_threads))
     create_topics(settings.kafka_bootstrap, [settings.topic_impressions, settings.topic_clicks,
                                              settings.topic_events, settings.topic_dlq],
                   settings.topic_partitions)
     metrics = JoinerMetrics()
+    report_thread_pools(metrics.threads, pools)
     if settings.joiner_metrics_port:
-        start_http_server(settings.joiner_metrics_port, addr="0.0.0.0", registry=metrics.registry)
+        serve_metrics_and_health(settings.joiner_metrics_port, metrics.registry,
+                                 metrics.heartbeat, settings.joiner_liveness_timeout_s)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())

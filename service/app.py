@@ -17,14 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager, suppress
 from typing import Annotated, Any, NamedTuple
 
-import numpy as np
 import orjson
 import redis.asyncio as aredis
 from confluent_kafka import Producer
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.routing import Route
 
@@ -356,24 +355,6 @@ class GuardAndMeasure:
         await send({"type": "http.response.body", "body": body})
 
 
-def observe_many(hist: Histogram, values: np.ndarray) -> None:
-    """``hist.observe(v)`` for each value, with one bucket increment per bucket, not per value.
-
-    Uses prometheus_client's bucket layout (``_upper_bounds``, non-cumulative ``_buckets``,
-    ``_sum``) — the same updates ``Histogram.observe`` makes; falls back to it otherwise.
-    """
-    bounds = getattr(hist, "_upper_bounds", None)
-    if bounds is None or not hasattr(hist, "_buckets"):
-        for v in values.tolist():
-            hist.observe(v)
-        return
-    hist._sum.inc(float(values.sum()))
-    counts = np.bincount(np.searchsorted(bounds, values, side="left"),
-                         minlength=len(bounds) + 1)
-    for i in np.flatnonzero(counts[: len(bounds)]).tolist():
-        hist._buckets[i].inc(int(counts[i]))
-
-
 def _json(content: Any, status_code: int = 200) -> Response:
     """orjson-encoded response (numpy-free dicts of plain Python values)."""
     return Response(orjson.dumps(content), status_code=status_code,
@@ -513,7 +494,7 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
         if n_explored:
             metrics.explored_items.inc(n_explored)
         if result.context is not None:
-            observe_many(metrics.bonus, bonus[result.order])
+            metrics.bonus.observe(float(bonus[result.order].mean()))
         return _json({"request_id": request_id, "model_version": snap.version,
                                "snapshot_age_seconds": age, "items": out})
 
@@ -584,7 +565,7 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
         snap = request.app.state.follower.snapshot
         if snap is not None:
             metrics.snapshot_age.set(max(0.0, time.time() - snap.updated))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     app.openapi = _with_score_request_schema(app)  # type: ignore[method-assign]
     app.add_middleware(GuardAndMeasure, max_body=settings.service_max_body_bytes,

@@ -2,8 +2,14 @@
 
 One worker per process by default, as in a Kubernetes deployment where replicas scale by pods
 and each pod's /metrics is its own. ``WEB_CONCURRENCY=N`` (uvicorn's usual variable) starts N
-worker processes on one port instead; each loads its own snapshot and follows the stream, and
-/metrics then reports whichever worker answered.
+worker processes on one port instead; each loads its own snapshot and follows the stream. They
+share one /metrics through prometheus_client's multiprocess mode: a fresh directory per start
+(``PROMETHEUS_MULTIPROC_DIR`` if set, emptied first; else a temporary one, removed at exit).
+
+Thread budget: the process' CPU budget (``FRESHREC_CPU_THREADS``, else the cgroup quota, else
+the CPUs it may run on) is divided among the workers, and every worker's BLAS/OpenMP/torch pools
+are sized to its share before numpy or torch load (``freshrec.runtime``). Unsized, two workers
+on two cores each ran two BLAS threads: 150 req/s at p99 249 ms instead of 1,600 at 13 ms.
 
 Several workers each bind their own ``SO_REUSEPORT`` socket rather than sharing one listening
 socket as ``uvicorn --workers`` does: with a shared socket the worker that happens to be awake
@@ -18,24 +24,45 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
+from freshrec.runtime import apply_thread_budget, cpu_budget
 from freshrec.settings import Settings, load_settings
 
 log = logging.getLogger("freshrec.service")
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 def app_from_env() -> FastAPI:
     """Factory for worker processes: settings from the ``FRESHREC_*`` environment."""
-    from service.app import create_app
+    return _serving_app(load_settings())
 
-    return _frozen(create_app(load_settings()))
+
+def _serving_app(settings: Settings) -> FastAPI:
+    """The app one serving process runs, its thread pools reported in its metrics."""
+    from freshrec.metrics import ServiceMetrics, report_thread_pools
+    from freshrec.runtime import thread_pools
+    from service.app import create_app
+    from service.snapshot import torch_threads
+
+    metrics = ServiceMetrics(slo_seconds=settings.service_slo_seconds)
+    apply_thread_budget(worker_threads(settings))  # now torch is loaded: its inter-op pool too
+    torch_threads()  # as the app's lifespan sets it, so the report shows what will serve
+    report_thread_pools(metrics.threads, thread_pools())
+    return _frozen(create_app(settings, metrics=metrics))
 
 
 def _frozen(app: FastAPI) -> FastAPI:
@@ -113,19 +140,60 @@ def run_workers(n: int, host: str, port: int, opts: dict[str, Any]) -> int:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def multiprocess_metrics_dir() -> Iterator[Path]:
+    """A clean ``PROMETHEUS_MULTIPROC_DIR`` for this start, exported to the workers.
+
+    Set before any worker imports prometheus_client (it picks its value store at import).
+    Values left by an earlier start would be summed into this one's, so an operator-given
+    directory is emptied first; a temporary one is removed at exit.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        directory = Path(given)
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.db"):
+            stale.unlink()
+    else:
+        directory = Path(tempfile.mkdtemp(prefix="freshrec-metrics-"))
+        os.environ[MULTIPROC_ENV] = str(directory)
+    try:
+        yield directory
+    finally:
+        if not given:
+            os.environ.pop(MULTIPROC_ENV, None)
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def service_workers() -> int:
+    """Worker processes to run: ``WEB_CONCURRENCY`` (uvicorn's convention), default 1."""
+    return max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
+
+
+def worker_threads(settings: Settings) -> int:
+    """Threads per native pool in each worker: the process' CPU budget shared by the workers."""
+    return max(1, cpu_budget(settings.cpu_threads) // service_workers())
+
+
 def run(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    workers = int(os.environ.get("WEB_CONCURRENCY", "1"))
+    workers = service_workers()
+    # Each worker's share, exported before numpy/torch load here or in the spawned workers.
+    share = worker_threads(settings)
+    apply_thread_budget(share)
+    log.info("%d worker(s), %d thread(s) per native pool in each", workers, share)
     common = dict(host=settings.service_host, port=settings.service_port, log_level="warning",
                   access_log=False, **_fast_loop())
-    if workers > 1 and hasattr(socket, "SO_REUSEPORT"):
-        return run_workers(workers, settings.service_host, settings.service_port, common)
-    if workers > 1:
+    # Shared metrics for several workers, or in the directory an operator named (which may hold
+    # a previous start's files: k8s keeps an emptyDir across container restarts).
+    shared = workers > 1 or bool(os.environ.get(MULTIPROC_ENV))
+    with multiprocess_metrics_dir() if shared else nullcontext():
+        if workers == 1:
+            uvicorn.run(_serving_app(settings), **common)
+            return 0
+        if hasattr(socket, "SO_REUSEPORT"):
+            return run_workers(workers, settings.service_host, settings.service_port, common)
         uvicorn.run("service.main:app_from_env", factory=True, workers=workers, **common)
-    else:
-        from service.app import create_app
-
-        uvicorn.run(_frozen(create_app(settings)), **common)
-    return 0
+        return 0

@@ -272,9 +272,8 @@ class Trainer:
         for slot, st in self.tables.stats().items():
             self.metrics.table_rows.labels(slot).set(st.rows)
             self.metrics.table_bytes.labels(slot).set(st.bytes)
-            self.metrics.admitted.labels(slot).set(st.admitted_total)
-            self.metrics.evicted.labels(slot).set(st.evicted_total)
-            self.metrics.rejected.labels(slot).set(st.rejected_total)
+            self.metrics.table_totals(slot, st.admitted_total, st.evicted_total,
+                                      st.rejected_total)
         try:
             for tp in self._consumer.assignment():
                 _low, high = self._consumer.get_watermark_offsets(tp, cached=True)
@@ -309,6 +308,7 @@ class Trainer:
         size = self.settings.trainer_batch_max_events
         try:
             while not stop.is_set():
+                self.metrics.heartbeat.beat()
                 started = time.perf_counter()
                 messages = self._consumer.consume(num_messages=size, timeout=wait)
                 if messages:

@@ -6,12 +6,11 @@ import logging
 import signal
 import threading
 
-from prometheus_client import start_http_server
-
 from featurestore.schema import load_model_config
+from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import create_topics
-from freshrec.metrics import TrainerMetrics
-from freshrec.runtime import tune_gc
+from freshrec.metrics import TrainerMetrics, report_thread_pools
+from freshrec.runtime import apply_thread_budget, cpu_budget, thread_pools, tune_gc
 from freshrec.settings import Settings
 from trainer.loop import Trainer
 
@@ -46,14 +45,17 @@ def _publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics):
 
 
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
-    """Serve metrics, then train until stopped (SIGTERM arrives as an exception)."""
+    """Size the thread pools, serve metrics and /healthz, then train until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    apply_thread_budget(cpu_budget(settings.cpu_threads))
     create_topics(settings.kafka_bootstrap, [settings.topic_events, settings.topic_dlq],
                   settings.topic_partitions)
     metrics = TrainerMetrics()
     if settings.trainer_metrics_port:
-        start_http_server(settings.trainer_metrics_port, addr="0.0.0.0", registry=metrics.registry)
+        serve_metrics_and_health(settings.trainer_metrics_port, metrics.registry,
+                                 metrics.heartbeat, settings.trainer_liveness_timeout_s)
     trainer = build_trainer(settings, metrics)
+    report_thread_pools(metrics.threads, thread_pools())  # after the learner sized torch
     tune_gc()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():

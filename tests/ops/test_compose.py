@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import tomllib
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 
+from bench import SHIPPED_EXTRAS, extra_requirements
 from freshrec.settings import Settings
 from tests.ops import DATASOURCE_UID, ROOT
 
@@ -17,9 +20,18 @@ COMPOSE = ROOT / "docker-compose.yml"
 FRESHREC_SERVICES = ("trainer", "joiner", "service", "replay")
 
 
+# What ./scripts/compose-env would put in .env (compose interpolates ${VAR} from it).
+DOT_ENV = {"REDIS_PASSWORD": "sample-redis-password", "FRESHREC_SERVICE_API_TOKEN": "sample-token"}
+_INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[?-][^}]*)?\}")
+
+
+def _interpolate(text: str) -> str:
+    return _INTERPOLATION.sub(lambda m: DOT_ENV[m.group(1)], text)
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+    return yaml.safe_load(_interpolate(COMPOSE.read_text()))
 
 
 def _env(compose: dict, name: str) -> dict[str, str]:
@@ -36,7 +48,8 @@ def test_docker_compose_config_is_valid() -> None:
     if binary is None:
         pytest.skip("docker-compose not installed (CI: apt-get install docker-compose)")
     result = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+                            env={**os.environ, **DOT_ENV}, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
 
 
@@ -64,11 +77,13 @@ def test_ports_agree_between_settings_services_and_prometheus(compose: dict) -> 
 
     trainer = _settings_from(_env(compose, "trainer"))
     assert targets["freshrec-trainer"] == f"trainer:{trainer.trainer_metrics_port}"
-    assert f":{trainer.trainer_metrics_port}/metrics" in " ".join(
+    assert f":{trainer.trainer_metrics_port}/healthz" in " ".join(
         services["trainer"]["healthcheck"]["test"])
 
     joiner = _settings_from(_env(compose, "joiner"))
     assert targets["freshrec-joiner"] == f"joiner:{joiner.joiner_metrics_port}"
+    assert f":{joiner.joiner_metrics_port}/healthz" in " ".join(
+        services["joiner"]["healthcheck"]["test"])
 
     for name in FRESHREC_SERVICES:
         s = _settings_from(_env(compose, name))
@@ -80,6 +95,23 @@ def test_ports_agree_between_settings_services_and_prometheus(compose: dict) -> 
         assert url.hostname in services, f"{name}: redis host {url.hostname} not a service"
         command = services[url.hostname]["command"]
         assert command[command.index("--port") + 1] == str(url.port)
+
+
+def test_credentials_are_required_from_dot_env_and_redis_needs_its_password() -> None:
+    raw = yaml.safe_load(COMPOSE.read_text())  # before interpolation
+    for var in DOT_ENV:
+        assert re.search(rf"\$\{{{var}:\?", COMPOSE.read_text()), f"{var} must be required"
+    command = raw["services"]["redis"]["command"]
+    password = command[command.index("--requirepass") + 1]
+    assert password.startswith("${REDIS_PASSWORD:?")
+    compose = yaml.safe_load(_interpolate(COMPOSE.read_text()))
+    assert compose["services"]["redis"]["environment"]["REDISCLI_AUTH"] == DOT_ENV["REDIS_PASSWORD"]
+    for name in FRESHREC_SERVICES:
+        url = urlparse(_settings_from(_env(compose, name)).redis_url)
+        assert url.password == DOT_ENV["REDIS_PASSWORD"], name
+    service = _settings_from(_env(compose, "service"))
+    assert service.service_api_token == DOT_ENV["FRESHREC_SERVICE_API_TOKEN"]
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
 
 
 def test_topics_created_by_kafka_init_match_the_settings(compose: dict) -> None:
@@ -132,7 +164,7 @@ def test_dockerfile_installs_cpu_torch_first_and_runs_as_non_root() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
     torch = text.index("pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu")
-    assert torch < text.index("pip install .")
+    assert torch < text.index("pip install \".[")
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and not users[-1].startswith(("0", "root"))
     assert re.search(r'^ENTRYPOINT \["freshrec"\]', text, re.M)
@@ -153,3 +185,32 @@ def test_dockerfile_env_are_settings_and_copied_sources_are_in_the_context() -> 
     # every package setuptools installs is copied
     for package in ("freshrec", "featurestore", "trainer", "service", "bandit"):
         assert package in allowed
+
+
+def test_image_installs_exactly_the_extras_the_benchmarks_measure() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    installs = re.findall(r"pip install \"?\.\[([a-z,]+)\]\"?", text)
+    assert len(installs) == 1, installs
+    assert tuple(installs[0].split(",")) == SHIPPED_EXTRAS
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert set(SHIPPED_EXTRAS) <= set(extras)
+    assert {"uvloop", "httptools"} <= set(extra_requirements("serve"))
+    # development and the benchmarks run with the same set
+    assert f"freshrec[{','.join(SHIPPED_EXTRAS)}]" in extras["dev"]
+
+
+def test_image_gives_numba_a_writable_cache() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    cache = re.search(r"NUMBA_CACHE_DIR=(\S+)", text).group(1)
+    assert re.search(rf"mkdir -p [^\n]*(\\\n[^\n]*)*{re.escape(cache)}", text)
+    chown = re.search(r"chown -R freshrec:freshrec ([^\n]+)", text).group(1).split()
+    assert any(cache == d or cache.startswith(d + "/") for d in chown), chown
+
+
+
+def test_service_runs_the_measured_layout(compose: dict) -> None:
+    env = _env(compose, "service")
+    # bench/serve.py: two workers, one thread per native pool in each
+    assert int(env["WEB_CONCURRENCY"]) == 2
+    assert _settings_from(env).cpu_threads // int(env["WEB_CONCURRENCY"]) == 1

@@ -11,13 +11,11 @@ import numpy as np
 import orjson
 import pytest
 from fastapi.exceptions import RequestValidationError
-from prometheus_client import generate_latest
 from pydantic import ValidationError
 
 from featurestore.featurize import SlotIds
 from featurestore.pooling import mean_pool
-from freshrec.metrics import ServiceMetrics
-from service.app import ParsedScore, ScoreRequest, observe_many, parse_score_body
+from service.app import ParsedScore, ScoreRequest, parse_score_body
 from service.scoring import pool_into
 from service.snapshot import SlotVectors
 
@@ -68,21 +66,3 @@ def test_fast_body_parse_agrees_with_the_pydantic_model(change: dict) -> None:
         assert got == want
         assert [type(v) for v in got.features.values()] == [
             type(v) for v in want.features.values()]
-
-
-def test_observe_many_equals_observing_one_by_one() -> None:
-    values = np.array([0.0, 0.004, 0.01, 0.3, 0.3, 2.0, 7.5, 0.05])
-    bulk, single = ServiceMetrics(), ServiceMetrics()
-    observe_many(bulk.bonus, values)
-    for v in values.tolist():
-        single.bonus.observe(v)
-
-    def samples(m: ServiceMetrics) -> list[tuple[str, float]]:
-        lines = generate_latest(m.registry).decode().splitlines()
-        return [(ln.rsplit(" ", 1)[0], float(ln.rsplit(" ", 1)[1])) for ln in lines
-                if ln.startswith("freshrec_service_exploration_bonus")
-                and "_created" not in ln]
-
-    got, want = samples(bulk), samples(single)
-    assert [name for name, _ in got] == [name for name, _ in want]
-    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-12)
