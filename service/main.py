@@ -1,9 +1,8 @@
 """``freshrec service``: run the scoring service under uvicorn.
 
-One worker per process by default, as in a Kubernetes deployment where replicas scale by pods
-and each pod's /metrics is its own. ``WEB_CONCURRENCY=N`` (uvicorn's usual variable) starts N
-worker processes on one port instead; each loads its own snapshot and follows the stream. They
-share one /metrics through prometheus_client's multiprocess mode: a fresh directory per start
+One worker per CPU of the process' budget by default (see ``service_workers``);
+``WEB_CONCURRENCY=N`` (uvicorn's usual variable) sets N worker processes on one port instead;
+each loads its own snapshot and follows the stream. They share one /metrics through prometheus_client's multiprocess mode: a fresh directory per start
 (``PROMETHEUS_MULTIPROC_DIR`` if set, emptied first; else a temporary one, removed at exit).
 
 Thread budget: the process' CPU budget (``FRESHREC_CPU_THREADS``, else the cgroup quota, else
@@ -165,21 +164,30 @@ def multiprocess_metrics_dir() -> Iterator[Path]:
             shutil.rmtree(directory, ignore_errors=True)
 
 
-def service_workers() -> int:
-    """Worker processes to run: ``WEB_CONCURRENCY`` (uvicorn's convention), default 1."""
-    return max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
+def service_workers(settings: Settings) -> int:
+    """Worker processes to run: ``WEB_CONCURRENCY`` (uvicorn's convention), else one per CPU of
+    the budget.
+
+    Why one per CPU by default: a request's matrix work (100 candidates x a few dozen dims) is
+    far too small to gain from BLAS threads, while the Python around it holds the GIL; the
+    measured way to use two cores is two single-threaded workers (docs/serving.md).
+    """
+    configured = os.environ.get("WEB_CONCURRENCY")
+    if configured:
+        return max(1, int(configured))
+    return cpu_budget(settings.cpu_threads)
 
 
 def worker_threads(settings: Settings) -> int:
     """Threads per native pool in each worker: the process' CPU budget shared by the workers."""
-    return max(1, cpu_budget(settings.cpu_threads) // service_workers())
+    return max(1, cpu_budget(settings.cpu_threads) // service_workers(settings))
 
 
 def run(settings: Settings) -> int:
     """Serve until SIGINT/SIGTERM; returns the exit code."""
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    workers = service_workers()
+    workers = service_workers(settings)
     # Each worker's share, exported before numpy/torch load here or in the spawned workers.
     share = worker_threads(settings)
     apply_thread_budget(share)
