@@ -3,7 +3,8 @@
 One worker per CPU of the process' budget by default (see ``service_workers``);
 ``WEB_CONCURRENCY=N`` (uvicorn's usual variable) sets N worker processes on one port instead;
 each loads its own snapshot and follows the stream. They share one /metrics through
-prometheus_client's multiprocess mode: a fresh directory per start (``PROMETHEUS_MULTIPROC_DIR`` if set, emptied first; else a temporary one, removed at exit).
+prometheus_client's multiprocess mode: a fresh directory per start (``PROMETHEUS_MULTIPROC_DIR``
+if set, emptied first; else a temporary one, removed at exit).
 
 Thread budget: the process' CPU budget (``FRESHREC_CPU_THREADS``, else the cgroup quota, else
 the CPUs it may run on) is divided among the workers, and every worker's BLAS/OpenMP/torch pools
