@@ -35,7 +35,9 @@ class Settings(BaseSettings):
 
     # --- infrastructure -------------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:19092"
-    redis_url: str = "redis://127.0.0.1:16379/0"
+    # May carry credentials (redis://:password@host:6379/0, redis://user:password@...): kept
+    # out of repr, and shown anywhere else only through ``redact_url``.
+    redis_url: str = Field("redis://127.0.0.1:16379/0", repr=False)
     topic_events: str = "freshrec.events"
     topic_impressions: str = "freshrec.impressions"
     topic_clicks: str = "freshrec.clicks"

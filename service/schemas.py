@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, Any, NamedTuple, NoReturn
 
 import orjson
 from fastapi.exceptions import RequestValidationError
@@ -166,7 +166,7 @@ def _parse_plain(body: bytes) -> ParsedScore | None:
     return ParsedScore(user_id, features, items, top_k, explore, request_id)
 
 
-def _raise_422(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> None:
+def _raise_422(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> NoReturn:
     raise RequestValidationError([
         {**{k: v for k, v in e.items() if k not in ("ctx", "url")}, "loc": (*prefix, *e["loc"])}
         for e in exc.errors(include_url=False)]) from None
@@ -220,6 +220,8 @@ class ServedEvent(LabeledEvent):
 EventsBody = ServedEvent | Annotated[list[ServedEvent],
                                      Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
 _EVENTS = TypeAdapter(EventsBody)
+_EVENT_LIST = TypeAdapter(Annotated[list[ServedEvent],
+                                    Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)])
 
 
 class _DuplicateKey(ValueError):
@@ -286,10 +288,13 @@ def parse_events(body: bytes, *, internal: bool) -> list[ServedEvent]:
         if errors:
             raise RequestValidationError(errors)
     try:
-        parsed = _EVENTS.validate_python(raw)
+        # One event or a list, decided here rather than by the union, so that an error's
+        # location is the field (``body.ts``, ``body.1.ts``), not the union member's name.
+        if isinstance(raw, list):
+            return _EVENT_LIST.validate_python(raw)
+        return [ServedEvent.model_validate(raw)]
     except ValidationError as exc:
         _raise_422(exc)
-    return parsed if isinstance(parsed, list) else [parsed]
 
 
 def events_json_schema(ref_template: str) -> dict[str, Any]:
