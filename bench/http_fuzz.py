@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import heapq
+import itertools
 import json
 import os
 import platform
@@ -198,7 +200,7 @@ class Case:
 
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str | bytes]
     body: bytes
     kind: str  # valid / mutated / raw
 
@@ -212,7 +214,7 @@ def fuzz_case(rng: random.Random, token: str | None) -> Case:
     """One request: valid, structurally mutated JSON or raw bytes, to any route."""
     route = rng.choice(("/v1/score", "/v1/score", "/v1/events", "/v1/events", *GET_ROUTES,
                         "/nowhere"))
-    headers: dict[str, str] = {}
+    headers: dict[str, str | bytes] = {}
     method = "POST" if route.startswith("/v1/") and route != "/v1/model" else "GET"
     if route == "/nowhere" or rng.random() < 0.03:
         method = rng.choice(("GET", "POST", "PUT", "DELETE", "PATCH"))
@@ -240,24 +242,27 @@ def fuzz_case(rng: random.Random, token: str | None) -> Case:
         headers["authorization"] = f"Bearer {token}"
     elif rng.random() < 0.3:
         headers["authorization"] = rng.choice(("Bearer wrong-token-0123456789", "Basic eA==",
-                                               "Bearer", "bearer x y", "Bearer \xe9t\xe9"))
+                                               "Bearer", "bearer x y", b"Bearer \xc3\xa9t\xc3\xa9"))
     return Case(method, route, headers, body, kind)
 
 
 # ---- the load ---------------------------------------------------------------------------------
 
 
-async def _run(base_url: str, cases: list[Case], concurrency: int) -> tuple[Counter, Counter,
-                                                                            list[dict]]:
+async def _run(base_url: str, cases: list[Case], concurrency: int
+               ) -> tuple[Counter, Counter, list[dict], list[dict]]:
     by_status: Counter = Counter()
     by_kind_5xx: Counter = Counter()
     examples: list[dict] = []
+    slowest: list[tuple[float, int, dict]] = []
+    tie = itertools.count()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=30.0, limits=limits) as client:
         it = iter(cases)
 
         async def worker() -> None:
             for case in it:
+                started = time.perf_counter()
                 try:
                     resp = await client.request(case.method, case.path, content=case.body,
                                                 headers=case.headers)
@@ -265,6 +270,14 @@ async def _run(base_url: str, cases: list[Case], concurrency: int) -> tuple[Coun
                 except httpx.HTTPError as exc:
                     status = f"error:{type(exc).__name__}"
                     resp = None
+                latency = time.perf_counter() - started
+                if len(slowest) < 5 or latency > slowest[0][0]:
+                    heapq.heappush(slowest, (latency, next(tie), {
+                        "ms": round(latency * 1e3, 1), "method": case.method,
+                        "path": case.path, "kind": case.kind, "status": status,
+                        "bytes": len(case.body), "body": case.body[:120].decode("latin-1")}))
+                    if len(slowest) > 5:
+                        heapq.heappop(slowest)
                 by_status[status] += 1
                 if status.startswith("5") or status.startswith("error"):
                     by_kind_5xx[case.kind] += 1
@@ -275,7 +288,7 @@ async def _run(base_url: str, cases: list[Case], concurrency: int) -> tuple[Coun
                                          "response": resp.text[:300] if resp else ""})
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return by_status, by_kind_5xx, examples
+    return by_status, by_kind_5xx, examples, [x for _, _, x in sorted(slowest, reverse=True)]
 
 
 def fuzz_http(base_url: str, requests: int, seed: int, token: str | None = None,
@@ -292,13 +305,14 @@ def fuzz_http(base_url: str, requests: int, seed: int, token: str | None = None,
     rng = random.Random(seed)
     cases = [fuzz_case(rng, token) for _ in range(requests)]
     started = time.perf_counter()
-    by_status, by_kind_5xx, examples = asyncio.run(_run(base_url, cases, concurrency))
+    by_status, by_kind_5xx, examples, slowest = asyncio.run(_run(base_url, cases, concurrency))
     seconds = time.perf_counter() - started
     failures = sum(n for s, n in by_status.items() if s.startswith(("5", "error")))
     return {"http_fuzz_requests": sum(by_status.values()), "http_5xx": failures,
             "by_status": dict(sorted(by_status.items())),
             "by_kind": dict(Counter(c.kind for c in cases)),
             "failures_by_kind": dict(by_kind_5xx), "failure_examples": examples,
+            "slowest": slowest,
             "seconds": round(seconds, 1), "requests_per_s": round(requests / seconds, 1),
             "concurrency": concurrency, "seed": seed}
 

@@ -51,8 +51,26 @@ def _check_feature_values(features: dict[str, Any]) -> dict[str, Any]:
     return features
 
 
+def _refuse_wide_ints(features: object) -> object:
+    """Before the schema: an integer literal past int64 is refused, not read as a float.
+
+    The shared schema's union would turn it into a float (the float member accepts any
+    integer), silently changing the ID it hashes to; at the HTTP edge the client hears why.
+    """
+    if isinstance(features, dict):
+        for key, value in features.items():
+            if type(value) is int and not _INT64[0] <= value <= _INT64[1]:
+                raise ValueError(f"feature {key!r}: integer outside the int64 range")
+    return features
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("features", mode="before", check_fields=False)
+    @classmethod
+    def _features_ints(cls, v: object) -> object:
+        return _refuse_wide_ints(v)
 
     @field_validator("features", check_fields=False)
     @classmethod
@@ -203,6 +221,11 @@ class ServedEvent(LabeledEvent):
     """
 
     ts: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _features_ints(cls, v: object) -> object:
+        return _refuse_wide_ints(v)
 
     @field_validator("features")
     @classmethod
