@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import heapq
 import itertools
 import json
@@ -30,18 +31,22 @@ import secrets
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import httpx
 
 RESULTS = Path(__file__).resolve().parent / "results"
 USERS, ITEMS = 5_000, 20_000  # bench/serve.py's state
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
 GET_ROUTES = ("/v1/model", "/healthz", "/readyz", "/metrics")
+# Twice the default body limit: larger bodies only exercise the 413 path again.
+MAX_BODY_BYTES = 2 << 20
 
 
 # ---- a JSON tree that can say what JSON libraries refuse to write ---------------------------
@@ -67,16 +72,46 @@ def to_tree(value: Any) -> Any:
     return value
 
 
-def encode(node: Any) -> bytes:
-    """Serialize a tree; :class:`Raw` leaves are copied as they are."""
-    if isinstance(node, Raw):
-        return bytes(node)
-    if isinstance(node, Obj):
-        return b"{" + b",".join(json.dumps(k).encode() + b":" + encode(v)
-                                for k, v in node.pairs) + b"}"
-    if isinstance(node, list):
-        return b"[" + b",".join(encode(v) for v in node) + b"]"
-    return json.dumps(node).encode()
+def _scalar(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except (orjson.JSONEncodeError, TypeError):  # ints past 64 bits, lone surrogates
+        return json.dumps(value).encode()
+
+
+def encode(node: Any, limit: int | None = None) -> bytes:
+    """Serialize a tree; :class:`Raw` leaves are copied as they are.
+
+    With ``limit``, the document is cut after that many bytes: repeated list mutations
+    multiply sizes, and building a 100 MB body to send its first megabytes would stall the
+    load generator. Repeated subtrees (``[x] * 1001``) are encoded once.
+    """
+    memo: dict[int, bytes] = {}
+    cap = limit if limit is not None else 1 << 62
+
+    def enc(n: Any) -> bytes:
+        if isinstance(n, Raw):
+            return bytes(n)
+        if not isinstance(n, (Obj, list)):
+            return _scalar(n)
+        cached = memo.get(id(n))
+        if cached is not None:
+            return cached
+        parts, total = [], 0
+        items = ((_scalar(k) + b":", v) for k, v in n.pairs) if isinstance(n, Obj) else (
+            (b"", v) for v in n)
+        for prefix, v in items:
+            part = prefix + enc(v)
+            parts.append(part)
+            total += len(part) + 1
+            if total > cap:
+                break
+        out = (b"{%s}" if isinstance(n, Obj) else b"[%s]") % b",".join(parts)
+        memo[id(n)] = out
+        return out
+
+    body = enc(node)
+    return body if limit is None else body[:limit]
 
 
 def _nested(depth: int, kind: str) -> Raw:
@@ -85,28 +120,39 @@ def _nested(depth: int, kind: str) -> Raw:
     return Raw(b'{"a":' * depth + b"1" + b"}" * depth)
 
 
+_NASTY: tuple[Any, ...] = (
+    Raw(b"NaN"), Raw(b"Infinity"), Raw(b"-Infinity"), Raw(b"1e400"), Raw(b"-1e400"),
+    2**63, -(2**63) - 1, 2**64, 10**30, Raw(b"1" * 20), Raw(b"1" * 400), Raw(b"1" * 5000),
+    Raw(b"-0.0"), 1e308, 5e-324, "", "x" * 129, "x" * 5000, Raw(b'"\\ud800"'),
+    Raw(b'"\\u0000"'), None, True, _nested(50, "list"), _nested(300, "object"),
+    _nested(3000, "list"), _nested(3000, "object"), Raw(b'"\xff\xfe"'),
+)
+
+
 def nasty_value(rng: random.Random) -> Any:
-    """One value that has broken a JSON API somewhere."""
-    choice = rng.randrange(24)
-    return [
-        Raw(b"NaN"), Raw(b"Infinity"), Raw(b"-Infinity"), Raw(b"1e400"), Raw(b"-1e400"),
-        2**63, -(2**63) - 1, 2**64, 10**30, Raw(b"1" * rng.choice((20, 400, 5000))),
-        Raw(b"-0.0"), 1e308, 5e-324, "", "x" * rng.choice((129, 5000)), Raw(b'"\\ud800"'),
-        Raw(b'"\\u0000"'), None, True, [], Obj([]),
-        _nested(rng.choice((50, 300, 3000)), rng.choice(("list", "object"))),
-        Raw(b'"\xff\xfe"'), [rng.random() for _ in range(rng.choice((65, 2000)))],
-    ][choice]
+    """One value that has broken a JSON API somewhere (fresh containers, shared constants)."""
+    choice = rng.randrange(len(_NASTY) + 3)
+    if choice < len(_NASTY):
+        return _NASTY[choice]
+    if choice == len(_NASTY):
+        return []
+    if choice == len(_NASTY) + 1:
+        return Obj([])
+    return Raw(orjson.dumps([rng.random() for _ in range(rng.choice((65, 2000)))]))
 
 
-def _containers(node: Any, out: list[Any]) -> list[Any]:
-    if isinstance(node, Obj):
-        out.append(node)
-        for _, v in node.pairs:
-            _containers(v, out)
-    elif isinstance(node, list):
-        out.append(node)
-        for v in node:
-            _containers(v, out)
+def _containers(node: Any, out: list[Any], budget: int = 2_000) -> list[Any]:
+    """Objects and lists in ``node``, visiting at most ``budget`` of them (lists repeated
+    10,000 times by earlier mutations would otherwise make every later one slow)."""
+    todo = [node]
+    while todo and len(out) < budget:
+        n = todo.pop()
+        if isinstance(n, Obj):
+            out.append(n)
+            todo.extend(v for _, v in n.pairs)
+        elif isinstance(n, list):
+            out.append(n)
+            todo.extend(n[:budget])
     return out
 
 
@@ -223,14 +269,14 @@ def fuzz_case(rng: random.Random, token: str | None) -> Case:
         template = [valid_event(rng) for _ in range(rng.randint(1, 5))]
     r = rng.random()
     if r < 0.2:
-        kind, body = "valid", encode(to_tree(template))
+        kind, body = "valid", encode(to_tree(template), MAX_BODY_BYTES)
         if method == "GET":
             body = b""
     elif r < 0.7:
         kind, tree = "mutated", to_tree(template)
         for _ in range(rng.randint(1, 3)):
             tree = mutate_tree(tree, rng)
-        body = encode(tree)
+        body = encode(tree, MAX_BODY_BYTES)
         if rng.random() < 0.15:
             body = mutate_bytes(body, rng)
     else:
@@ -249,27 +295,104 @@ def fuzz_case(rng: random.Random, token: str | None) -> Case:
 # ---- the load ---------------------------------------------------------------------------------
 
 
-async def _run(base_url: str, cases: list[Case], concurrency: int
+class _Connection:
+    """A minimal HTTP/1.1 keep-alive client connection (asyncio streams).
+
+    httpx costs ~1 ms of client CPU per request, which on two shared cores made the load
+    generator, not the service, the bottleneck; writing pre-encoded requests and reading
+    ``Content-Length``/chunked responses costs a few percent of that.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        reused = self.writer is not None
+        try:
+            head = await self._send(raw)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            # The server may close a keep-alive connection that sat idle (uvicorn: after 5 s);
+            # like any HTTP client, resend once on a fresh connection. A failure on a fresh
+            # connection is the server's and is reported.
+            partial = getattr(exc, "partial", b"")
+            if not reused or partial:
+                raise
+            await self.close()
+            head = await self._send(raw)
+        assert self.reader is not None
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in
+                   (line.partition(":") for line in lines[1:] if line)}
+        if "content-length" in headers:
+            body = await self.reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int((await self.reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+                parts.append(await self.reader.readexactly(size + 2))
+                if size == 0:
+                    break
+            body = b"".join(p[:-2] for p in parts)
+        else:
+            body = await self.reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, body
+
+    async def _send(self, raw: bytes) -> bytes:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(raw)
+        await self.writer.drain()
+        return await self.reader.readuntil(b"\r\n\r\n")
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+def encode_request(case: Case, host: str) -> bytes:
+    """The request as bytes on the wire (``Content-Length`` always set)."""
+    lines = [f"{case.method} {case.path} HTTP/1.1".encode(), f"host: {host}".encode(),
+             f"content-length: {len(case.body)}".encode()]
+    for k, v in case.headers.items():
+        lines.append(k.encode() + b": " + (v if isinstance(v, bytes) else v.encode("latin-1")))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + case.body
+
+
+async def _run(base_url: str, cases: Iterator[Case], concurrency: int
                ) -> tuple[Counter, Counter, list[dict], list[dict]]:
     by_status: Counter = Counter()
     by_kind_5xx: Counter = Counter()
     examples: list[dict] = []
     slowest: list[tuple[float, int, dict]] = []
     tie = itertools.count()
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=30.0, limits=limits) as client:
-        it = iter(cases)
+    url = urlsplit(base_url)
+    host, port = url.hostname or "127.0.0.1", url.port or 80
+    it = cases  # one generator shared by the workers (no await inside it)
 
-        async def worker() -> None:
+    async def worker() -> None:
+        conn = _Connection(host, port)
+        try:
             for case in it:
                 started = time.perf_counter()
+                text = b""
                 try:
-                    resp = await client.request(case.method, case.path, content=case.body,
-                                                headers=case.headers)
-                    status = str(resp.status_code)
-                except httpx.HTTPError as exc:
+                    code, text = await asyncio.wait_for(
+                        conn.request(encode_request(case, url.netloc)), 30.0)
+                    status = str(code)
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                        TimeoutError, ValueError, IndexError) as exc:
                     status = f"error:{type(exc).__name__}"
-                    resp = None
+                    await conn.close()
                 latency = time.perf_counter() - started
                 if len(slowest) < 5 or latency > slowest[0][0]:
                     heapq.heappush(slowest, (latency, next(tie), {
@@ -279,15 +402,19 @@ async def _run(base_url: str, cases: list[Case], concurrency: int
                     if len(slowest) > 5:
                         heapq.heappop(slowest)
                 by_status[status] += 1
-                if status.startswith("5") or status.startswith("error"):
+                if status.startswith(("5", "error")):
                     by_kind_5xx[case.kind] += 1
                     if len(examples) < 10:
                         examples.append({"method": case.method, "path": case.path,
-                                         "status": status, "headers": case.headers,
+                                         "status": status, "headers": {
+                                             k: v if isinstance(v, str) else v.decode("latin-1")
+                                             for k, v in case.headers.items()},
                                          "body": case.body[:300].decode("latin-1"),
-                                         "response": resp.text[:300] if resp else ""})
+                                         "response": text[:300].decode("latin-1")})
+        finally:
+            await conn.close()
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
     return by_status, by_kind_5xx, examples, [x for _, _, x in sorted(slowest, reverse=True)]
 
 
@@ -296,21 +423,30 @@ def fuzz_http(base_url: str, requests: int, seed: int, token: str | None = None,
     """Send ``requests`` fuzzed requests to the service at ``base_url``; count the answers.
 
     ``token`` is the events bearer token (most event requests present it, so that mutated
-    bodies get past authentication to the parser). Transport failures (the server closing a
-    connection on a request it could not parse) are counted under ``by_status`` as
-    ``error:<kind>`` and in ``http_5xx``, since a client sees them as server failures too.
+    bodies get past authentication to the parser). ``concurrency`` keep-alive connections
+    send in parallel. Transport failures (the server dropping a connection, a 30 s timeout)
+    are counted under ``by_status`` as ``error:<kind>`` and in ``http_5xx``, since a client
+    sees them as server failures too.
     Returns ``http_fuzz_requests``, ``http_5xx``, ``by_status``, ``by_kind`` and up to ten
     examples of failing requests.
     """
     rng = random.Random(seed)
-    cases = [fuzz_case(rng, token) for _ in range(requests)]
+    kinds: Counter = Counter()
+
+    def cases() -> Iterator[Case]:  # lazily: 100k cases held at once would take gigabytes
+        for _ in range(requests):
+            case = fuzz_case(rng, token)
+            kinds[case.kind] += 1
+            yield case
+
     started = time.perf_counter()
-    by_status, by_kind_5xx, examples, slowest = asyncio.run(_run(base_url, cases, concurrency))
+    by_status, by_kind_5xx, examples, slowest = asyncio.run(_run(base_url, cases(),
+                                                                 concurrency))
     seconds = time.perf_counter() - started
     failures = sum(n for s, n in by_status.items() if s.startswith(("5", "error")))
     return {"http_fuzz_requests": sum(by_status.values()), "http_5xx": failures,
             "by_status": dict(sorted(by_status.items())),
-            "by_kind": dict(Counter(c.kind for c in cases)),
+            "by_kind": dict(kinds),
             "failures_by_kind": dict(by_kind_5xx), "failure_examples": examples,
             "slowest": slowest,
             "seconds": round(seconds, 1), "requests_per_s": round(requests / seconds, 1),
