@@ -65,9 +65,12 @@ def authenticate(settings: Settings, authorization: str | None) -> Writer:
                         headers={"WWW-Authenticate": "Bearer"})
 
 
-def require_writer(request: Request,
-                   authorization: Annotated[str | None, Header()] = None) -> Writer:
-    """FastAPI dependency: the authenticated writer of this request (401 otherwise)."""
+async def require_writer(request: Request,
+                         authorization: Annotated[str | None, Header()] = None) -> Writer:
+    """FastAPI dependency: the authenticated writer of this request (401 otherwise).
+
+    ``async`` so that FastAPI calls it on the event loop, not through its thread pool.
+    """
     return authenticate(request.app.state.service.settings, authorization)
 
 

@@ -43,6 +43,10 @@ class ServiceState:
         return self.supervisor is not None and self.supervisor.running
 
 
-def service_state(request: Request) -> ServiceState:
-    """FastAPI dependency (and plain helper): this replica's shared state."""
+async def service_state(request: Request) -> ServiceState:
+    """FastAPI dependency: this replica's shared state.
+
+    ``async`` although it awaits nothing: FastAPI runs a plain ``def`` dependency in its
+    thread pool, a thread hop per request for one attribute lookup.
+    """
     return request.app.state.service
