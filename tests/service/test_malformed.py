@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import orjson
 import pytest
+from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -21,6 +22,7 @@ from freshrec.devstack import LocalStack
 from freshrec.kafka import create_topics
 from freshrec.settings import Settings
 from service.app import create_app
+from service.schemas import ScoreRequest, _parse_plain, parse_score_body
 from tests.conftest import Names
 from tests.service.test_service import AUTH, TOKEN, body, build_world, poll
 
@@ -137,3 +139,25 @@ def test_mutated_json_never_gets_5xx(client: TestClient) -> None:
 
     check()
     assert {200, 422} <= seen  # the cases reach both the handlers and the validators
+
+
+@pytest.mark.parametrize("raw", [
+    SCORE % b"NaN", SCORE % b"1e400", SCORE % b"9223372036854775808",
+    SCORE % b"18446744073709551616", SCORE % b"-9223372036854775809", SCORE % b"1.0",
+    SCORE % b'"\\ud800"', SCORE % b"true",
+    b'{"user_id":"u1","user_id":"u2","candidates":[{"item_id":"m1"}]}',
+    b'{"user_id":"u1","candidates":[{"item_id":"m1"}],"top_k":18446744073709551616}',
+])
+def test_the_score_fast_path_agrees_with_the_schema(raw: bytes) -> None:
+    """orjson's fast path either returns what pydantic would, or defers to it."""
+    plain = _parse_plain(raw)
+    try:
+        req = ScoreRequest.model_validate_json(raw)
+    except ValueError:
+        assert plain is None
+        with pytest.raises(RequestValidationError):
+            parse_score_body(raw)
+        return
+    if plain is not None:
+        assert (plain.user_id, plain.features, plain.top_k) == (req.user_id, req.features,
+                                                                req.top_k)
