@@ -101,12 +101,13 @@ class Settings(BaseSettings):
     # ``service_api_token`` for public clients, ``service_internal_token`` for the pipeline;
     # with neither configured every request gets 401 (secure by default). "none" opens the
     # endpoint to anyone without a token (a local experiment; never in production). Both
-    # tokens come from the environment/a secret and are compared in constant time.
+    # tokens come from the environment/a secret (at least 12 characters: a short token is
+    # guessable) and are compared in constant time.
     service_events_auth: Literal["token", "none"] = "token"
-    service_api_token: str | None = Field(None, repr=False, min_length=16)
+    service_api_token: str | None = Field(None, repr=False, min_length=12)
     # The pipeline's credential: only it may set the pipeline-only fields of an event
     # (``p_true``, ``sample_rate``, ``context``); public clients get a 422 naming the field.
-    service_internal_token: str | None = Field(None, repr=False, min_length=16)
+    service_internal_token: str | None = Field(None, repr=False, min_length=12)
     service_impression_queue_size: PositiveInt = 10_000
     service_slo_seconds: PositiveFloat = 0.02
 

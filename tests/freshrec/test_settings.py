@@ -103,7 +103,7 @@ def test_secrets_never_show_in_settings_errors_or_repr(monkeypatch: pytest.Monke
         load_settings()
     assert "FRESHREC_REDIS_URL" in str(exc.value) and "hunter2" not in str(exc.value)
     monkeypatch.delenv("FRESHREC_REDIS_URL")
-    monkeypatch.setenv("FRESHREC_SERVICE_API_TOKEN", "short")  # tokens need 16+ characters
+    monkeypatch.setenv("FRESHREC_SERVICE_API_TOKEN", "short")  # tokens need 12+ characters
     with pytest.raises(SettingsError, match="FRESHREC_SERVICE_API_TOKEN") as exc:
         load_settings()
     assert "short" not in str(exc.value)
