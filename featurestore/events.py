@@ -11,7 +11,14 @@ import math
 from typing import Annotated
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 MAX_ID_LEN = 128
 MAX_FEATURES = 64
@@ -43,18 +50,36 @@ class _Wire(BaseModel):
         return orjson.dumps(self.model_dump(exclude_none=True))
 
 
-class BanditContext(_Wire):
-    """The sparse Diag-LinUCB context used at serve time: cluster indices and their weights."""
+MAX_CONTEXT_CLUSTERS = 64
 
-    clusters: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]], Field(max_length=64)]
-    weights: Annotated[list[float], Field(max_length=64)]
+
+class BanditContext(_Wire):
+    """The sparse Diag-LinUCB context used at serve time: cluster indices and their weights.
+
+    Weights are a distribution over the listed clusters (``context_for`` makes them sum to 1),
+    so each is in [0, 1] and their sum is at most 1: a weight of 1e300 would otherwise add
+    1e600 to one item's statistics and zero its exploration bonus for good.
+    """
+
+    clusters: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]],
+                        Field(max_length=MAX_CONTEXT_CLUSTERS)]
+    weights: Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]],
+                       Field(max_length=MAX_CONTEXT_CLUSTERS)]
 
     @field_validator("weights")
     @classmethod
-    def _finite(cls, v: list[float]) -> list[float]:
+    def _a_distribution(cls, v: list[float]) -> list[float]:
         if not all(math.isfinite(x) for x in v):
             raise ValueError("weights must be finite")
+        if sum(v) > 1.0 + 1e-6:
+            raise ValueError("weights must sum to at most 1")
         return v
+
+    @model_validator(mode="after")
+    def _one_weight_per_cluster(self) -> BanditContext:
+        if len(self.clusters) != len(self.weights):
+            raise ValueError("clusters and weights must have the same length")
+        return self
 
 
 class LabeledEvent(_Wire):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import urlparse
 
 from featurestore.schema import ModelConfigError, load_model_config
-from freshrec.settings import Settings, SettingsError, load_settings
+from freshrec.settings import Settings, SettingsError, load_settings, redact_url
 
 if TYPE_CHECKING:
     from freshrec.devstack import LocalStack
@@ -65,16 +66,22 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         external_redis=external_redis,
     )
     signal.signal(signal.SIGTERM, _raise_stop)
+    # POST /v1/events needs a bearer token (docs/trust-model.md): use the configured one, else
+    # make one for this run and print it, so the local stack is as closed as a deployment.
+    token = settings.service_api_token or secrets.token_urlsafe(24)
     try:
         stack.start()
         print(f"kafka  {stack.kafka_bootstrap}" + (" (external)" if external_kafka else ""))
-        print(f"redis  {stack.redis_url}" + (" (external)" if external_redis else ""))
+        print(f"redis  {redact_url(stack.redis_url)}" + (" (external)" if external_redis else ""))
         print(f"topics {', '.join(stack.topics)} ({stack.partitions} partitions)")
+        env = stack.env() | {"FRESHREC_SERVICE_API_TOKEN": token}
         for component in args.components:
-            stack.spawn_component(component, component)
+            stack.spawn_component(component, component, env=env)
             print(f"{component:<6} started (log: {Path(args.log_dir) / (component + '.log')})")
         if "service" in args.components:
             print(f"service http://{settings.service_host}:{settings.service_port}/docs")
+            print(f"events  POST http://{settings.service_host}:{settings.service_port}/v1/events "
+                  f"with Authorization: Bearer {token}")
         if "trainer" in args.components:
             print(f"trainer metrics http://127.0.0.1:{settings.trainer_metrics_port}/metrics")
         if args.replay != "none":

@@ -21,10 +21,12 @@ import time
 from dataclasses import dataclass, field
 from importlib import util as importlib_util
 from pathlib import Path
+from urllib.parse import quote
 
 import redis
 
 from freshrec.kafka import create_topics, wait_for_broker
+from freshrec.settings import redact_url
 
 _PR_SET_PDEATHSIG = 1
 
@@ -79,7 +81,7 @@ def wait_for_redis(url: str, timeout: float = 15.0) -> None:
                 return
         except redis.RedisError:
             time.sleep(0.1)
-    raise TimeoutError(f"Redis at {url} did not answer within {timeout:.0f}s")
+    raise TimeoutError(f"Redis at {redact_url(url)} did not answer within {timeout:.0f}s")
 
 
 @dataclass
@@ -93,6 +95,8 @@ class LocalStack:
     log_dir: Path | None = None
     external_kafka: str | None = None
     external_redis: str | None = None
+    # Start Redis with ``--requirepass``; the password is then part of ``redis_url``.
+    redis_password: str | None = None
     children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     @property
@@ -101,7 +105,10 @@ class LocalStack:
 
     @property
     def redis_url(self) -> str:
-        return self.external_redis or f"redis://127.0.0.1:{self.redis_port}/0"
+        if self.external_redis is not None:
+            return self.external_redis
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}127.0.0.1:{self.redis_port}/0"
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None
                ) -> subprocess.Popen:
@@ -126,8 +133,11 @@ class LocalStack:
                                       "--storage-engine", "memory://tansu/"])
             if self.external_redis is None:
                 self.redis_port = self.redis_port or free_port()
-                self._spawn("redis", [str(redis_server_binary()), "--port", str(self.redis_port),
-                                      "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                argv = [str(redis_server_binary()), "--port", str(self.redis_port),
+                        "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                if self.redis_password:
+                    argv += ["--requirepass", self.redis_password]
+                self._spawn("redis", argv)
             wait_for_redis(self.redis_url, timeout)
             wait_for_broker(self.kafka_bootstrap, timeout)
             if self.topics:

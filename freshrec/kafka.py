@@ -31,6 +31,21 @@ def producer_config(bootstrap: str, **extra: object) -> dict[str, object]:
     return conf
 
 
+def dead_letter_headers(reason: str, source_topic: str, source_partition: int,
+                        source_offset: int) -> list[tuple[str, bytes]]:
+    """Headers of a dead-letter message: why it was refused and where it came from.
+
+    The trainer's format (``reason`` capped at 1 KiB, ``source_topic``/``_partition``/
+    ``_offset``), used by every producer of ``topic_dlq`` so one reader understands them all.
+    Messages that never were in Kafka (refused by ``POST /v1/events``) carry partition and
+    offset -1 and a ``source_topic`` naming the route.
+    """
+    return [("reason", reason.encode()[:1024]),
+            ("source_topic", source_topic.encode()),
+            ("source_partition", str(source_partition).encode()),
+            ("source_offset", str(source_offset).encode())]
+
+
 def consumer_config(bootstrap: str, group_id: str, **extra: object) -> dict[str, object]:
     """A manually committing consumer that starts at the earliest offset of a new group."""
     conf: dict[str, object] = {

@@ -162,6 +162,13 @@ class ServiceMetrics:
                                buckets=(0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2), registry=r)
         self.events_accepted = Counter(p + "events_total", "Events accepted on /v1/events.",
                                        registry=r)
+        self.events_dead_lettered = Counter(
+            p + "events_dead_lettered_total",
+            "Events refused on /v1/events and sent to the dead-letter topic, by reason.",
+            ["reason"], registry=r)
+        self.follower_restarts = Counter(
+            p + "snapshot_follower_restarts_total",
+            "Restarts of the snapshot follower after it died with an error.", registry=r)
         self.threads = thread_pool_gauge(p, r)
 
     def exposition(self) -> bytes:

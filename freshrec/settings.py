@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,7 +35,9 @@ class Settings(BaseSettings):
 
     # --- infrastructure -------------------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:19092"
-    redis_url: str = "redis://127.0.0.1:16379/0"
+    # May carry credentials (redis://:password@host:6379/0, redis://user:password@...): kept
+    # out of repr, and shown anywhere else only through ``redact_url``.
+    redis_url: str = Field("redis://127.0.0.1:16379/0", repr=False)
     topic_events: str = "freshrec.events"
     topic_impressions: str = "freshrec.impressions"
     topic_clicks: str = "freshrec.clicks"
@@ -46,6 +49,10 @@ class Settings(BaseSettings):
     # Unset: the cgroup CPU quota (cpu.max, or v1 cpu.cfs_quota_us) rounded down, else the CPUs
     # in the affinity mask. OMP_NUM_THREADS and the like are set from it, not read.
     cpu_threads: PositiveInt | None = None
+    # Events whose ``ts`` is further ahead of this process's wall clock are dead-lettered (by
+    # ``POST /v1/events`` and by the trainer/joiner for Kafka input): event time drives expiry,
+    # decay and windows, so one future-dated event must not move them (docs/trust-model.md).
+    event_max_future_skew_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 300.0
 
     # --- model ----------------------------------------------------------------------------
     model_name: str = "movielens"
@@ -90,7 +97,17 @@ class Settings(BaseSettings):
     service_port: Annotated[int, Field(ge=0, le=65535)] = 8000
     service_max_candidates: PositiveInt = 1000
     service_max_body_bytes: PositiveInt = 1_048_576
-    service_api_token: str | None = None
+    # Who may POST /v1/events (docs/trust-model.md). "token": a bearer token is required —
+    # ``service_api_token`` for public clients, ``service_internal_token`` for the pipeline;
+    # with neither configured every request gets 401 (secure by default). "none" opens the
+    # endpoint to anyone without a token (a local experiment; never in production). Both
+    # tokens come from the environment/a secret (at least 12 characters: a short token is
+    # guessable) and are compared in constant time.
+    service_events_auth: Literal["token", "none"] = "token"
+    service_api_token: str | None = Field(None, repr=False, min_length=12)
+    # The pipeline's credential: only it may set the pipeline-only fields of an event
+    # (``p_true``, ``sample_rate``, ``context``); public clients get a 422 naming the field.
+    service_internal_token: str | None = Field(None, repr=False, min_length=12)
     service_impression_queue_size: PositiveInt = 10_000
     service_slo_seconds: PositiveFloat = 0.02
 
@@ -115,8 +132,30 @@ class Settings(BaseSettings):
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got "
+                             f"{redact_url(value)!r}")
         return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe to log, print or export).
+
+    ``FRESHREC_REDIS_URL`` may carry credentials (``redis://:password@host:6379/0`` or
+    ``redis://user:password@...``); everything that shows the URL goes through this.
+    """
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:  # unparsable: show only the scheme, never the rest
+        return url.split("://", 1)[0] + "://***"
 
 
 class SettingsError(RuntimeError):
@@ -142,6 +181,13 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str(err["loc"][0]) if err["loc"] else "?"
-        raise SettingsError(
-            f"{ENV_PREFIX}{field.upper()}: {err['msg']} (got {err.get('input')!r})"
-        ) from None
+        got = err.get("input")
+        if field in _SECRET_FIELDS:
+            got = "<redacted>"
+        elif field == "redis_url" and isinstance(got, str):
+            got = redact_url(got)
+        raise SettingsError(f"{ENV_PREFIX}{field.upper()}: {err['msg']} (got {got!r})") from None
+
+
+# Never echoed in an error message or a log line.
+_SECRET_FIELDS = frozenset({"service_api_token", "service_internal_token"})

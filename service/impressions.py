@@ -66,9 +66,13 @@ class KafkaSink:
             self.failed += 1
             self.metrics.impressions.labels("failed").inc()
 
-    def produce_now(self, topic: str, key: bytes, value: bytes) -> None:
+    def produce_now(self, topic: str, key: bytes, value: bytes,
+                    headers: list[tuple[str, bytes]] | None = None) -> None:
         """Produce on the caller's thread; raises BufferError when librdkafka's queue is full."""
-        self.producer.produce(topic, value=value, key=key)
+        if headers is None:
+            self.producer.produce(topic, value=value, key=key)
+        else:
+            self.producer.produce(topic, value=value, key=key, headers=headers)
 
     def _drain(self) -> None:
         pending = self.pending

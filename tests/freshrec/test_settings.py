@@ -8,7 +8,12 @@ import pytest
 
 from featurestore.schema import ModelConfigError, load_model_config
 from freshrec.cli import main
-from freshrec.settings import SettingsError, default_model_config_path, load_settings
+from freshrec.settings import (
+    SettingsError,
+    default_model_config_path,
+    load_settings,
+    redact_url,
+)
 
 
 def test_defaults_point_at_the_embedded_stack() -> None:
@@ -78,3 +83,44 @@ def test_model_config_errors_name_the_key(tmp_path: Path, edit, message: str) ->
     with pytest.raises(ModelConfigError, match=message) as exc:
         load_model_config(path)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://:s3cr%40t@redis:6379/0", "redis://:***@redis:6379/0"),
+    ("rediss://app:s3cr%40t@[::1]:6380/2", "rediss://app:***@[::1]:6380/2"),
+    ("redis://user@redis:6379", "redis://user@redis:6379"),
+    ("redis://:s3cr%40t@redis:port/0", "redis://***"),
+])
+def test_redis_urls_are_shown_without_their_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3cr" not in redact_url(url)
+
+
+def test_secrets_never_show_in_settings_errors_or_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRESHREC_REDIS_URL", "http://:hunter2-secret@redis:6379/0")
+    with pytest.raises(SettingsError) as exc:
+        load_settings()
+    assert "FRESHREC_REDIS_URL" in str(exc.value) and "hunter2" not in str(exc.value)
+    monkeypatch.delenv("FRESHREC_REDIS_URL")
+    monkeypatch.setenv("FRESHREC_SERVICE_API_TOKEN", "short")  # tokens need 12+ characters
+    with pytest.raises(SettingsError, match="FRESHREC_SERVICE_API_TOKEN") as exc:
+        load_settings()
+    assert "short" not in str(exc.value)
+    monkeypatch.setenv("FRESHREC_SERVICE_API_TOKEN", "t" * 24)
+    monkeypatch.setenv("FRESHREC_REDIS_URL", "redis://:hunter2-secret@redis:6379/0")
+    settings = load_settings()
+    assert settings.service_api_token == "t" * 24
+    assert "t" * 24 not in repr(settings) and "hunter2" not in repr(settings)
+
+
+def test_events_auth_and_future_skew_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().service_events_auth == "token"  # closed by default
+    assert load_settings().event_max_future_skew_s == 300.0
+    monkeypatch.setenv("FRESHREC_SERVICE_EVENTS_AUTH", "off")
+    with pytest.raises(SettingsError, match="FRESHREC_SERVICE_EVENTS_AUTH"):
+        load_settings()
+    monkeypatch.setenv("FRESHREC_SERVICE_EVENTS_AUTH", "none")
+    monkeypatch.setenv("FRESHREC_EVENT_MAX_FUTURE_SKEW_S", "-1")
+    with pytest.raises(SettingsError, match="FRESHREC_EVENT_MAX_FUTURE_SKEW_S"):
+        load_settings()

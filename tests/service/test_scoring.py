@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from featurestore.featurize import SlotIds
 from featurestore.pooling import mean_pool
-from service.app import ParsedScore, ScoreRequest, parse_score_body
+from service.schemas import ParsedScore, ScoreRequest, parse_score_body
 from service.scoring import pool_into
 from service.snapshot import SlotVectors
 

@@ -167,6 +167,10 @@ def served(resp: httpx.Response) -> dict[str, dict]:
     return {it["item_id"]: it for it in resp.json()["items"]}
 
 
+TOKEN = "test-client-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 # ---- tests ------------------------------------------------------------------------------------
 
 
@@ -278,7 +282,7 @@ def test_not_ready_until_a_snapshot_exists(settings: Settings) -> None:
 def test_invalid_requests_get_4xx_naming_the_field(settings: Settings) -> None:
     settings = settings.model_copy(update={"service_max_candidates": 5,
                                            "service_max_body_bytes": 20_000,
-                                           "service_api_token": "s3cret"})
+                                           "service_api_token": TOKEN})
     build_world(settings)
 
     def locs(resp: httpx.Response) -> list[list]:
@@ -314,13 +318,14 @@ def test_invalid_requests_get_4xx_naming_the_field(settings: Settings) -> None:
         r = client.post("/v1/events", json=event, headers={"Authorization": "Bearer nope"})
         assert r.status_code == 401
         r = client.post("/v1/events", json=dict(event, label=3),
-                        headers={"Authorization": "Bearer s3cret"})
+                        headers=AUTH)
         assert r.status_code == 422 and any("label" in loc for loc in locs(r))
         metrics = client.get("/metrics").text
         assert 'freshrec_service_responses_total{route="/v1/score",status="422"}' in metrics
 
 
 def test_impressions_and_events_reach_kafka(settings: Settings) -> None:
+    settings = settings.model_copy(update={"service_api_token": TOKEN})
     build_world(settings)
     with serve(settings) as client:
         out = client.post("/v1/score", json=dict(body(4, [1, 2, 3, 55], top_k=3),
@@ -328,8 +333,8 @@ def test_impressions_and_events_reach_kafka(settings: Settings) -> None:
         assert out["request_id"] == "req-1"
         events = [{"event_id": f"e{i}", "ts": 100.0 + i, "user_id": USERS[i], "item_id": "m1",
                    "label": i % 2, "features": user_features(i)} for i in range(3)]
-        assert client.post("/v1/events", json=events[0]).status_code == 202
-        r = client.post("/v1/events", json=events[1:])
+        assert client.post("/v1/events", json=events[0], headers=AUTH).status_code == 202
+        r = client.post("/v1/events", json=events[1:], headers=AUTH)
         assert r.status_code == 202 and r.json() == {"accepted": 2}
     # Leaving the context shut the service down, which flushed its producer.
     msgs = read_topic(settings.kafka_bootstrap, settings.topic_impressions, 1)
