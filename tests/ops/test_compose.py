@@ -21,7 +21,8 @@ FRESHREC_SERVICES = ("trainer", "joiner", "service", "replay")
 
 
 # What ./scripts/compose-env would put in .env (compose interpolates ${VAR} from it).
-DOT_ENV = {"REDIS_PASSWORD": "sample-redis-password", "FRESHREC_SERVICE_API_TOKEN": "sample-token"}
+DOT_ENV = {"REDIS_PASSWORD": "sample-redis-password", "FRESHREC_SERVICE_API_TOKEN": "sample-token",
+           "FRESHREC_SERVICE_INTERNAL_TOKEN": "sample-internal-token"}
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?[?-][^}]*)?\}")
 
 

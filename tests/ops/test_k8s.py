@@ -145,6 +145,8 @@ def test_credentials_come_from_the_secret_and_only_where_needed(docs: list[dict]
                 from_secret[var_name] = ref.get("optional", False)
         required = {k for k, optional in from_secret.items() if not optional}
         assert required == needs[name], name
+        if name == "freshrec-service":  # pipeline-only fields: a second, optional credential
+            assert from_secret.get("FRESHREC_SERVICE_INTERNAL_TOKEN") is True
         assert "envFrom" not in _container(_get(docs, kind, name)) or all(
             "secretRef" not in e for e in _container(_get(docs, kind, name))["envFrom"]), name
 
