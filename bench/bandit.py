@@ -23,9 +23,8 @@ the true click probabilities.
 Protocol: every tunable policy has one knob with a 4-value grid, tuned on tuning seeds (mean
 regret over them) that are never evaluation seeds; each policy then runs once per evaluation
 seed with its tuned knob. Ratios are per seed (paired by common random numbers) and reported as
-mean ± 95 % Student-t interval over evaluation seeds. ``--quick``: 10,000 rounds, tuning on one
-seed at 5,000, one evaluation seed. Full: 40,000 rounds, tuning on two seeds at 10,000, three
-evaluation seeds.
+mean ± 95 % Student-t interval over evaluation seeds. Tuning: seed 1 at 5,000 rounds. ``--quick``:
+10,000 rounds, one evaluation seed (2). Full: 40,000 rounds, three evaluation seeds (2, 3, 4).
 
 Greedy, ε-greedy and Diag-LinUCB share one estimator (the Diag-LinUCB statistics on top-K cluster
 contexts; ``mean`` plays the role of pCTR), so they differ only in how they explore. LinUCB
@@ -40,6 +39,7 @@ Run: ``.venv/bin/python bench/bandit.py --quick --movielens /path/to/ml-100k``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -440,6 +440,28 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def cached_run(job: dict[str, Any]) -> dict[str, Any]:
+    """:func:`run`, its result kept under ``job["cache"]`` when set.
+
+    A full run on a shared machine can take long; with ``--cache DIR`` a killed or re-invoked
+    run (e.g. with fewer ``--eval-seeds`` to summarise what finished) reuses finished runs.
+    The key is the job without its deadline, so use a fresh directory after changing code.
+    """
+    cache = job.get("cache")
+    if not cache:
+        return run(job)
+    key = json.dumps({k: v for k, v in job.items() if k not in ("cache", "deadline_s")},
+                     sort_keys=True)
+    path = Path(cache) / f"{hashlib.sha1(key.encode()).hexdigest()}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out = run(job)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(path)
+    return out
+
+
 def score_latency_us(n_items: int = 1_000_000, n_clusters: int = 64, k: int = 4) -> float:
     """Median µs of ``score()`` for 1,000 candidates (half unknown) against ``n_items`` rows."""
     rng = np.random.default_rng(0)
@@ -557,15 +579,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="short horizons, under three minutes")
     ap.add_argument("--movielens", default=str(DEFAULT_ML), help="RecBole ml-100k directory")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", default="bandit", help="results name: bench/results/NAME.json")
+    ap.add_argument("--out", help="results name: bench/results/NAME.json (default bandit, "
+                    "bandit_quick with --quick)")
     ap.add_argument("--rounds", type=int, help="override the horizon (smoke tests)")
+    ap.add_argument("--eval-seeds", help="comma-separated evaluation seeds (default 2 / 2,3,4)")
+    ap.add_argument("--cache", help="directory keeping finished runs (resume a long run)")
     args = ap.parse_args()
+    args.out = args.out or ("bandit_quick" if args.quick else "bandit")
     # The runs go to parallel worker processes: each gets its share of the CPUs (inherited).
     apply_thread_budget(max(1, cpu_budget() // args.workers))
     T = args.rounds or (10_000 if args.quick else 40_000)
-    T_tune = min(T, 5_000 if args.quick else 10_000)  # tuning horizon (every policy alike)
-    tune_seeds = [1] if args.quick else [1, 5]
+    # Knobs are tuned on seed 1 at 5,000 rounds in both modes (every policy alike; the full
+    # mode's tuning runs are the quick mode's, so a shared --cache does them once).
+    T_tune = min(T, 5_000)
+    tune_seeds = [1]
     eval_seeds = [2] if args.quick else [2, 3, 4]
+    if args.eval_seeds:
+        eval_seeds = [int(x) for x in args.eval_seeds.split(",")]
+    if set(eval_seeds) & set(tune_seeds):
+        raise SystemExit("evaluation seeds must differ from the tuning seeds")
     deadline = 30.0 if args.quick else 900.0  # per run, wall; a cut run shortens the horizon
     envs = ["clustered", "dynamic", "movielens"]
     skipped = {}
@@ -573,7 +605,10 @@ def main() -> None:
         print(f"note: {args.movielens}/ml-100k.inter not found: skipping the MovieLens environment")
         envs.remove("movielens")
         skipped["movielens"] = f"data not found at {args.movielens}"
-    base = {"ml_path": args.movielens}
+    base: dict[str, Any] = {"ml_path": args.movielens}
+    if args.cache:
+        Path(args.cache).mkdir(parents=True, exist_ok=True)
+        base["cache"] = args.cache
     t_start = time.perf_counter()
 
     # 1. tune every knob on the tuning seeds (never an evaluation seed), same grid size for all
@@ -582,7 +617,7 @@ def main() -> None:
                  for e in envs for p, (_, grid) in GRIDS.items() for v in grid
                  for seed in tune_seeds]
     with ProcessPoolExecutor(args.workers) as ex:
-        tuned_runs = list(ex.map(run, tune_jobs))
+        tuned_runs = list(ex.map(cached_run, tune_jobs))
     best: dict[tuple[str, str], float] = {}
     tuning: dict[str, dict[str, dict[str, float]]] = {e: {} for e in envs}
     for e in envs:
@@ -596,9 +631,9 @@ def main() -> None:
 
     # 2. evaluate each policy once per evaluation seed with its tuned knob
     jobs = [{**base, "env": e, "policy": p, "param": best.get((e, p)), "T": T, "seed": seed,
-             "deadline_s": deadline} for e in envs for seed in eval_seeds for p in POLICIES]
+             "deadline_s": deadline} for seed in eval_seeds for e in envs for p in POLICIES]
     with ProcessPoolExecutor(args.workers) as ex:
-        runs = list(ex.map(run, jobs))
+        runs = list(ex.map(cached_run, jobs))
 
     results: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
