@@ -7,8 +7,14 @@ high dimension where all distances are large) neither collapse to one-hot nor fl
 Weights sum to 1, as the paper assumes, so a user's total "mass" in the statistics is the same
 whatever K is.
 
-Fallback for users without an embedding (all-zero or non-finite vector, e.g. a new user whose row
-was not admitted yet): uniform weight ``1/K`` over the K most populous clusters (by ``counts``,
+The user vector is the *user tower*: the user-side slots of the model config (user ID, age,
+gender, ...), each mean-pooled exactly as the CTR model's input, concatenated in config order
+(:func:`user_tower`). A user without a user-ID row (a cold user) still has the rows of its
+profile features, so it gets a real top-K context; a warm user's context moves as its rows learn.
+The trainer (table rows) and the service (snapshot rows) both build it with this function.
+
+Fallback for users with nothing at all (all-zero or non-finite vector: no admitted row in any
+user-side slot): uniform weight ``1/K`` over the K most populous clusters (by ``counts``,
 e.g. ``OnlineKMeans.counts``). We prefer this to a dedicated cold-start coordinate because it needs
 no extra column, the serve-time context stays a plain BanditContext, and a cold user shares the
 statistics of the bulk of the population — the best prior we have — while the bonus still reflects
@@ -17,7 +23,34 @@ how much that bulk has seen each item. Without ``counts`` the first K clusters a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+
+from featurestore.featurize import SparseBatch
+from featurestore.pooling import mean_pool
+from featurestore.schema import ModelConfig, SlotSide
+
+
+def user_slots(config: ModelConfig) -> list[tuple[str, int]]:
+    """``(name, dim)`` of the user-side slots in config order: the user tower's layout."""
+    return [(s.name, s.dim) for s in config.slots if s.side is SlotSide.USER]
+
+
+def user_tower(config: ModelConfig, batch: SparseBatch,
+               lookup: Callable[[str, np.ndarray], np.ndarray]) -> np.ndarray:
+    """float32 ``(n, Σ user dims)``: each user-side slot mean-pooled, concatenated in order.
+
+    ``batch`` holds (at least) the user-side slots of n records; ``lookup(slot, ids)`` returns
+    float32 ``(len(ids), dim)`` vectors with zeros for IDs without a row (trainer table rows or
+    the served snapshot's), so pooling follows :func:`featurestore.pooling.mean_pool`, the
+    CTR model's rule.
+    """
+    parts = []
+    for name, _dim in user_slots(config):
+        s = batch.slots[name]
+        parts.append(mean_pool(lookup(name, s.ids), s.offsets))
+    return np.concatenate(parts, axis=1)
 
 
 def context_for(

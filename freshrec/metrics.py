@@ -82,6 +82,15 @@ class TrainerMetrics:
                                             registry=r)
         self.bandit_items = Gauge(p + "bandit_items", "Items with exploration statistics.",
                                   registry=r)
+        self.cluster_assigned = Counter(p + "bandit_cluster_assigned_total",
+                                        "Users placed by the user clusters after a full init.",
+                                        registry=r)
+        self.cluster_reassigned = Counter(
+            p + "bandit_cluster_reassigned_total",
+            "Users whose nearest cluster changed with their own batch's centroid update.",
+            registry=r)
+        self.cluster_reseeded = Counter(p + "bandit_cluster_reseeded_total",
+                                        "User clusters re-seeded after emptying.", registry=r)
         self.threads = thread_pool_gauge(p, r)
         self.heartbeat = Heartbeat()  # beaten by the training loop, read by /healthz
 
@@ -117,6 +126,14 @@ class JoinerMetrics:
                                 ["label"], registry=r)
         self.pending = Gauge(p + "window_pending", "Shown items waiting in the window.",
                              registry=r)
+        # explored = "true" | "false": the server's flag on the shown item. Their ratio gives
+        # the share of explored impressions and the CTR of explored vs exploited ones.
+        self.shown_items = Counter(p + "shown_items_total",
+                                   "Shown items whose attribution window closed, by explored.",
+                                   ["explored"], registry=r)
+        self.clicked_items = Counter(p + "clicked_items_total",
+                                     "Shown items clicked inside their window, by explored.",
+                                     ["explored"], registry=r)
         self.join_delay = Histogram(p + "join_delay_seconds",
                                     "Event-time delay from impression to emitted example.",
                                     buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),

@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     bandit_top_k: PositiveInt = 3
     bandit_clusters: PositiveInt = 32
     bandit_half_life_s: Annotated[float, Field(ge=0)] = 0.0
+    # Event-time half-life of the user-cluster counts: centroids follow users who drift, and a
+    # cluster nobody joined for several half-lives is re-seeded (bandit/clusters.py).
+    bandit_cluster_half_life_s: Annotated[float, Field(ge=0)] = 7 * 86400.0
     bandit_explore_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
 
     @field_validator("kafka_bootstrap")

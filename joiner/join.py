@@ -206,6 +206,12 @@ class JoinerCounts:
     negatives_emitted: int = 0
     negatives_dropped_by_sampling: int = 0
     evicted_early: int = 0
+    # Closed shown items and those clicked in their window, split by the server's ``explored``
+    # flag: the explored-vs-exploited CTR that prices exploration (docs/exploration.md).
+    shown_explored: int = 0
+    shown_exploited: int = 0
+    clicked_explored: int = 0
+    clicked_exploited: int = 0
     pending: int = 0
 
 
@@ -219,12 +225,13 @@ class _Request:
     as the window lasts, and that, not the join itself, dominated the measured cost.
     """
 
-    __slots__ = ("clicks", "context", "features", "items", "model_version", "open",
+    __slots__ = ("clicks", "context", "explored", "features", "items", "model_version", "open",
                  "request_id", "seq", "ts", "user_id")
 
     def __init__(self, request_id: str, ts: float, user_id: str, model_version: int, seq: int,
                  features: Features | None, context: BanditContext | None,
-                 items: dict[str, Features | None]) -> None:
+                 items: dict[str, Features | None],
+                 explored: frozenset[str] | None = None) -> None:
         self.request_id = request_id
         self.ts = ts
         self.user_id = user_id
@@ -235,9 +242,11 @@ class _Request:
         self.items = items  # item_id -> item features (first occurrence wins); None when closed
         self.clicks: dict[str, int] | None = None  # item_id -> _CLICKED | _LATE, created lazily
         self.open = True
+        self.explored = explored  # items shown thanks to the exploration bonus (None: none)
 
     def close(self, keep_features: bool) -> None:
         self.open = False
+        self.explored = None  # counted when the window closed
         if not keep_features:  # a tombstone needs ids and click flags only
             self.features = None
             self.context = None
@@ -248,7 +257,8 @@ class _Request:
                 "model_version": self.model_version, "seq": self.seq, "open": self.open,
                 "features": self.features,
                 "context": None if self.context is None else self.context.model_dump(),
-                "items": list(self.items.items()), "clicks": self.clicks}
+                "items": list(self.items.items()), "clicks": self.clicks,
+                "explored": None if self.explored is None else sorted(self.explored)}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> _Request:
@@ -261,6 +271,9 @@ class _Request:
                   _FEATURES.validate_python(d["features"]) if has_features else None,
                   None if d["context"] is None else BanditContext.model_validate(d["context"]),
                   items)
+        explored = d.get("explored")
+        if explored:
+            rec.explored = frozenset(_ID.validate_python(i) for i in explored) & items.keys()
         rec.clicks = d["clicks"]
         rec.open = bool(d["open"])
         return rec
@@ -353,6 +366,12 @@ class Joiner:
         """Shown items waiting in the window."""
         return self._pending
 
+    def exploration_counts(self) -> tuple[int, int, int, int]:
+        """Cumulative ``(shown_explored, shown_exploited, clicked_explored, clicked_exploited)``
+        over closed windows (cheaper than :meth:`counts` for a per-tick metrics refresh)."""
+        c = self._counts
+        return c.shown_explored, c.shown_exploited, c.clicked_explored, c.clicked_exploited
+
     def counts(self) -> JoinerCounts:
         """A copy of the outcome counters, with ``pending`` filled in."""
         c = JoinerCounts(**asdict(self._counts))
@@ -402,8 +421,9 @@ class Joiner:
         items = _shown_items(imp)
         seq = self._seq
         self._seq = seq + 1
+        explored = frozenset(it.item_id for it in imp.items if it.explored)
         rec = _Request(rid, imp.ts, imp.user_id, imp.model_version, seq, imp.features,
-                       imp.context, items)
+                       imp.context, items, explored or None)
         self._requests[rid] = rec
         heapq.heappush(self._heap, (imp.ts + self.window_s, seq, rec))
         by_user = self._by_user.get(imp.user_id)
@@ -549,6 +569,15 @@ class Joiner:
         c = self._counts
         c.negatives_emitted += emitted
         c.negatives_dropped_by_sampling += dropped
+        n_explored = clicked_explored = 0
+        if rec.explored is not None:
+            n_explored = len(rec.explored)
+            if clicks is not None:
+                clicked_explored = sum(clicks.get(i) == _CLICKED for i in rec.explored)
+        c.shown_explored += n_explored
+        c.shown_exploited += len(items) - n_explored
+        c.clicked_explored += clicked_explored
+        c.clicked_exploited += len(items) - emitted - dropped - clicked_explored
         if emitted:
             self._record_delay(max(0.0, now - rec.ts), emitted)
         n = len(items)

@@ -89,6 +89,8 @@ class JoinerProcess:
             **{"partition.assignment.strategy": "range"}))
         self._last_checkpoint = time.monotonic()
         self._restore()
+        # Exported so far (a restored joiner's counts were exported by its predecessor).
+        self._exploration_seen = self.joiner.exploration_counts()
 
     def _restore(self) -> None:
         ckpt = self.checkpointer.latest()
@@ -206,6 +208,18 @@ class JoinerProcess:
                               "orphan click: no impression of this item in the window")
         self._emit(result.events)
 
+    def _export_exploration(self) -> None:
+        """Add what closed since the last tick to the explored/exploited counters."""
+        now = self.joiner.exploration_counts()
+        last, self._exploration_seen = self._exploration_seen, now
+        m = self.metrics
+        for counter, flag, new, old in ((m.shown_items, "true", now[0], last[0]),
+                                        (m.shown_items, "false", now[1], last[1]),
+                                        (m.clicked_items, "true", now[2], last[2]),
+                                        (m.clicked_items, "false", now[3], last[3])):
+            if new > old:
+                counter.labels(flag).inc(new - old)
+
     def _release_early(self, upto_ts: float) -> None:
         while self._early and self._early[0][0] <= upto_ts:
             _ts, _seq, raw, key, topic, partition, offset = heapq.heappop(self._early)
@@ -228,6 +242,7 @@ class JoinerProcess:
         watermark = min(self._max_imp_ts, clicks_at) - s.joiner_lateness_s + self._idle_advance
         self._emit(self.joiner.advance(watermark))
         self.metrics.pending.set(self.joiner.pending)
+        self._export_exploration()
         for delay in self.joiner.drain_join_delays():
             self.metrics.join_delay.observe(float(delay))
         self._producer.poll(0)

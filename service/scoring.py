@@ -18,7 +18,7 @@ import orjson
 import torch
 import xxhash
 
-from bandit.context import context_for
+from bandit.context import context_for, user_slots
 from featurestore.featurize import Featurizer, SlotIds, encode_value
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from service.snapshot import ServingSnapshot, SlotVectors
@@ -73,8 +73,7 @@ class Scorer:
         self.featurizer = Featurizer(config)
         self.alpha = alpha
         self.top_k_clusters = top_k_clusters
-        user = config.user_slot
-        self.user_slot = user.name if user is not None else None
+        self.tower_width = sum(dim for _, dim in user_slots(config))
         self.item_slots = [s.name for s in config.slots if s.side is SlotSide.ITEM]
         # (item_id, serialized features) -> per item-slot ID lists. Featurizing 100 candidates
         # (hashing every value in Python) was the largest cost of a request; candidate items
@@ -120,7 +119,8 @@ class Scorer:
     def _features(self, snapshot: ServingSnapshot, user_id: str,
                   user_features: Mapping[str, Any],
                   items: Sequence[tuple[str, Mapping[str, Any]]]
-                  ) -> tuple[np.ndarray, dict[str, SlotIds]]:
+                  ) -> tuple[np.ndarray, dict[str, SlotIds], np.ndarray]:
+        """Model input, item IDs per slot, and the user tower (the user-side columns, once)."""
         user_rec = dict(user_features)
         user_rec["user_id"] = user_id
         n = len(items)
@@ -128,20 +128,24 @@ class Scorer:
         item_ids = self._item_slot_ids(items)
         # Each slot's pooled block is written straight into the model input (no concatenate).
         x = np.empty((n, self.width), dtype=np.float32)
+        tower = np.empty(self.tower_width, dtype=np.float32)
+        t = 0
         for slot, (a, b) in zip(self.config.slots, self.columns, strict=True):
             store = snapshot.slots[slot.name]
             if slot.side is SlotSide.USER:
                 s = ub.slots[slot.name]
                 if len(s.ids) == 1:  # the usual case: one value, no pooling
-                    x[:, a:b] = store.vector(int(s.ids[0]))
+                    tower[t : t + b - a] = store.vector(int(s.ids[0]))
                 else:
                     pooled = np.empty((1, b - a), dtype=np.float32)
                     pool_into(pooled, store, s)
-                    x[:, a:b] = pooled
+                    tower[t : t + b - a] = pooled[0]
+                x[:, a:b] = tower[t : t + b - a]
+                t += b - a
             else:
                 s = item_ids[slot.name]
                 pool_into(x[:, a:b], store, s)
-        return x, item_ids
+        return x, item_ids, tower
 
     @staticmethod
     def forward(snapshot: ServingSnapshot, x: np.ndarray) -> np.ndarray:
@@ -166,32 +170,33 @@ class Scorer:
             return item_ids[slot.name].ids
         return np.fromiter((encode_value(i) for i, _ in items), dtype=np.int64, count=len(items))
 
-    def context(self, snapshot: ServingSnapshot, user_id: str
+    def context(self, snapshot: ServingSnapshot, tower: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The user's top-K cluster context, or None before any centroids were published.
+        """The user's top-K cluster context from its user tower, or None without centroids.
 
-        The user vector is the user slot's row (zeros for an unknown user, for whom
-        :func:`bandit.context.context_for` falls back to the most populous clusters).
+        ``tower`` is the user-side part of the model input (:meth:`_features`), the vector the
+        trainer clusters (:func:`bandit.context.user_tower`): a user without a user-ID row is
+        placed by its profile slots; one with no row at all gets the most populous clusters.
+        Centroids of another width (published before a config change) give no context.
         """
-        if snapshot.centroids is None or self.user_slot is None:
+        c = snapshot.centroids
+        if c is None or c.shape[1] != self.tower_width:
             return None
-        uvec = snapshot.slots[self.user_slot].lookup(np.array([encode_value(user_id)]))
-        cl, w = context_for(uvec, snapshot.centroids, self.top_k_clusters,
-                            counts=snapshot.counts)
+        cl, w = context_for(tower[None, :], c, self.top_k_clusters, counts=snapshot.counts)
         return cl[0], w[0]
 
     def score(self, snapshot: ServingSnapshot, user_id: str, user_features: Mapping[str, Any],
               items: Sequence[tuple[str, Mapping[str, Any]]], top_k: int,
               explore: bool) -> ScoredItems:
         """Score every candidate; rank by ``pctr + alpha * bonus`` when exploring."""
-        x, item_ids = self._features(snapshot, user_id, user_features, items)
+        x, item_ids, tower = self._features(snapshot, user_id, user_features, items)
         pctr = self.forward(snapshot, x)
         n = len(items)
         k = min(top_k, n)
         bonus = np.zeros(n)
         ctx = None
         if explore and snapshot.bandit is not None:
-            c = self.context(snapshot, user_id)
+            c = self.context(snapshot, tower)
             if c is not None:
                 clusters, weights = c
                 # Clusters beyond the statistics' width cannot be scored; drop them.

@@ -1,10 +1,18 @@
 """The trainer's exploration hook: user clusters and Diag-LinUCB statistics from labeled events.
 
-Per batch, after the CTR step: the users' embeddings (rows of the slot keyed by ``user_id``)
-feed an online k-means whose centroids define the context coordinates; each event then adds its
-reward to the statistics of its item under its context. The context is the one logged with the
-impression when there is one — the update must use what the server actually used to score — and
-otherwise the user's current top-K clusters.
+Per batch, after the CTR step: each event's user tower (every user-side slot pooled as the CTR
+model sees it, :func:`bandit.context.user_tower` — so users without a user-ID row are placed by
+their profile features) feeds an online k-means whose centroids define the context coordinates;
+each event then adds its reward to the statistics of its item under its context. The context is
+the one logged with the impression when there is one — the update must use what the server
+actually used to score — and otherwise the user's current top-K clusters, computed from the same
+tower the service computes.
+
+Cluster counts decay with ``bandit_cluster_half_life_s`` of event time (``OnlineKMeans``), so
+the centroids follow drifting users. Churn — the share of a batch's users whose nearest
+centroid changes because of that batch's centroid update — is counted for metrics
+(``reassigned`` / ``assigned``): it is what would blur the meaning of the (item, cluster)
+statistics, while a user moving because its own rows learned is the context doing its job.
 
 Duplicates (at-least-once delivery, replays after a crash) are skipped by event id inside
 :class:`bandit.diag_linucb.DiagLinUCB`.
@@ -12,20 +20,24 @@ Duplicates (at-least-once delivery, replays after a crash) are skipped by event 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bandit.clusters import OnlineKMeans
-from bandit.context import context_for
+from bandit.context import context_for, user_slots, user_tower
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import LabeledEvent
-from featurestore.featurize import encode_value
-from featurestore.schema import ModelConfig
+from featurestore.featurize import encode_value, event_record
+from featurestore.schema import ModelConfig, SlotSide
+from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from trainer.checkpoint import load_arrays, save_arrays
 from trainer.learner import OnlineLearner
+
+log = logging.getLogger("freshrec.trainer")
 
 
 @dataclass
@@ -35,29 +47,41 @@ class ExplorationHook:
     bandit: DiagLinUCB
     clusters: OnlineKMeans
     top_k: int
-    user_slot: str
+    config: ModelConfig
     seed: int = 0
+    cluster_half_life_s: float = 0.0
+    metrics: TrainerMetrics | None = None
+    assigned: int = 0  # users placed by the clusters (cumulative), churn's denominator
+    reassigned: int = 0  # ... whose nearest centroid changed with their batch's update
 
     @classmethod
-    def from_settings(cls, settings: Settings, config: ModelConfig) -> ExplorationHook:
-        user = config.user_slot
-        if user is None:
+    def from_settings(cls, settings: Settings, config: ModelConfig,
+                      metrics: TrainerMetrics | None = None) -> ExplorationHook:
+        if config.user_slot is None:
             raise ValueError("exploration needs a slot with source = 'user_id'")
+        width = sum(dim for _, dim in user_slots(config))
         return cls(
             bandit=DiagLinUCB(settings.bandit_clusters, lam=settings.bandit_lambda,
                               half_life_s=settings.bandit_half_life_s),
-            clusters=OnlineKMeans(settings.bandit_clusters, user.dim, seed=settings.trainer_seed),
+            clusters=OnlineKMeans(settings.bandit_clusters, width, seed=settings.trainer_seed,
+                                  half_life_s=settings.bandit_cluster_half_life_s),
             top_k=settings.bandit_top_k,
-            user_slot=user.name,
+            config=config,
             seed=settings.trainer_seed,
+            cluster_half_life_s=settings.bandit_cluster_half_life_s,
+            metrics=metrics,
         )
 
-    def user_vectors(self, learner: OnlineLearner, user_ids: list[str]) -> np.ndarray:
-        """Current embeddings of users (zeros for users without a row)."""
-        table = learner.tables[self.user_slot]
-        ids = np.fromiter((encode_value(u) for u in user_ids), dtype=np.int64,
-                          count=len(user_ids))
-        return table.gather(table.find(ids))
+    def user_vectors(self, learner: OnlineLearner, events: list[LabeledEvent]) -> np.ndarray:
+        """The user tower of each event from the current tables (zeros where no row)."""
+        records = [event_record(e.user_id, e.item_id, e.features) for e in events]
+        batch = learner.featurizer.featurize(records, SlotSide.USER)
+
+        def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
+            table = learner.tables[slot]
+            return table.gather(table.find(ids))
+
+        return user_tower(self.config, batch, lookup)
 
     def contexts(self, events: list[LabeledEvent], vectors: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,10 +117,22 @@ class ExplorationHook:
 
     def on_batch(self, events: list[LabeledEvent], learner: OnlineLearner) -> None:
         """Refine the clusters with this batch's users, then add the rewards."""
-        vectors = self.user_vectors(learner, [e.user_id for e in events])
+        vectors = self.user_vectors(learner, events)
         known = np.any(vectors != 0, axis=1)
         if known.any():
-            self.clusters.partial_fit(vectors[known])
+            ts = float(max(e.ts for e in events))
+            before = (self.clusters.predict(vectors[known])
+                      if self.clusters.n_initialized == self.clusters.n_clusters else None)
+            reseeded = self.clusters.reseeded
+            self.clusters.partial_fit(vectors[known], ts=ts)
+            if before is not None:
+                moved = int((self.clusters.predict(vectors[known]) != before).sum())
+                self.assigned += len(before)
+                self.reassigned += moved
+                if self.metrics is not None:
+                    self.metrics.cluster_assigned.inc(len(before))
+                    self.metrics.cluster_reassigned.inc(moved)
+                    self.metrics.cluster_reseeded.inc(self.clusters.reseeded - reseeded)
         mask, clusters, weights = self.contexts(events, vectors)
         if not mask.any():
             return
@@ -116,7 +152,16 @@ class ExplorationHook:
         save_arrays(directory / "clusters", self.clusters.to_arrays())
 
     def load(self, directory: Path) -> None:
-        """Inverse of :meth:`save`."""
+        """Inverse of :meth:`save`.
+
+        Clusters of another width (a checkpoint from before the user tower, or of a config
+        with other user-side slots) are dropped: their centroids live in another space. They
+        rebuild from the next batches; the statistics keep their indices.
+        """
         self.bandit = DiagLinUCB.from_arrays(load_arrays(directory / "bandit"))
-        self.clusters = OnlineKMeans.from_arrays(load_arrays(directory / "clusters"),
-                                                 seed=self.seed)
+        clusters = OnlineKMeans.from_arrays(load_arrays(directory / "clusters"), seed=self.seed)
+        if clusters.dim == self.clusters.dim:
+            self.clusters = clusters
+        else:
+            log.warning("checkpointed clusters have dim %d, the user tower %d: starting afresh",
+                        clusters.dim, self.clusters.dim)

@@ -21,18 +21,18 @@ def build_trainer(settings: Settings, metrics: TrainerMetrics | None = None) -> 
     """A trainer with its exploration hook and publisher wired, restored from its checkpoint."""
     config = load_model_config(settings.model_config_path)
     metrics = metrics or TrainerMetrics()
-    trainer = Trainer(settings, config, metrics, hooks=_hooks(settings, config))
+    trainer = Trainer(settings, config, metrics, hooks=_hooks(settings, config, metrics))
     trainer.restore()
     trainer.publisher = _publisher(settings, trainer, metrics)
     return trainer
 
 
-def _hooks(settings: Settings, config):
+def _hooks(settings: Settings, config, metrics: TrainerMetrics):
     try:
         from trainer.exploration import ExplorationHook
     except ImportError:
         return []
-    return [ExplorationHook.from_settings(settings, config)]
+    return [ExplorationHook.from_settings(settings, config, metrics)]
 
 
 def _publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics):

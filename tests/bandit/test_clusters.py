@@ -74,3 +74,64 @@ def test_users_without_embedding_fall_back_to_most_populous_clusters() -> None:
     cl, w = context_for(users, centroids, 2)
     assert cl[1].tolist() == [0, 1]
     np.testing.assert_allclose(w.sum(1), 1.0)
+
+
+def test_decaying_counts_follow_a_drifting_population() -> None:
+    rng = np.random.default_rng(3)
+    frozen = OnlineKMeans(2, 2, seed=0)
+    decaying = OnlineKMeans(2, 2, seed=0, half_life_s=10.0)
+    for t in range(200):  # two groups; the second walks from x=10 to x=30
+        shift = 10.0 + 20.0 * min(1.0, t / 100)
+        X = np.concatenate([rng.normal([0, 0], 0.1, (20, 2)), rng.normal([shift, 0], 0.1, (20, 2))])
+        frozen.partial_fit(X, ts=float(t))
+        decaying.partial_fit(X, ts=float(t))
+    far = lambda km: km.centroids[:, 0].max()  # noqa: E731
+    assert abs(far(decaying) - 30.0) < 0.5  # followed the walk
+    assert far(frozen) < 27.0  # 1/count learning rate: stuck near the walk's average
+    assert decaying.counts.max() < 20 * 10 / np.log(2) * 1.1  # ~ points per half-life / ln 2
+
+
+def test_emptied_cluster_is_reseeded_where_users_are_and_round_trips() -> None:
+    rng = np.random.default_rng(4)
+    km = OnlineKMeans(3, 2, seed=0, half_life_s=5.0)
+    for t in range(20):
+        km.partial_fit(np.concatenate([rng.normal(c, 0.1, (10, 2)) for c in ([0, 0], [5, 0],
+                                                                              [0, 5])]), ts=t)
+    assert km.reseeded == 0
+    for t in range(20, 160):  # the (0, 5) group leaves; a (10, 0) group appears, nearest to the
+        # (5, 0) centre, which alone would settle between the two groups
+        km.partial_fit(np.concatenate([rng.normal(c, 0.1, (10, 2)) for c in ([0, 0], [5, 0],
+                                                                              [10, 0])]), ts=t)
+    assert km.reseeded >= 1
+    c = km.centroids
+    for target in ([0, 0], [5, 0], [10, 0]):
+        assert np.min(np.linalg.norm(c - np.array(target), axis=1)) < 0.5
+    back = OnlineKMeans.from_arrays(km.to_arrays())
+    assert back.half_life_s == 5.0 and back.clock == km.clock and back.reseeded == km.reseeded
+    np.testing.assert_array_equal(back.counts, km.counts)
+
+
+def test_user_tower_places_cold_users_by_their_profile_slots() -> None:
+    from bandit.context import user_slots, user_tower
+    from featurestore.featurize import Featurizer
+    from featurestore.schema import SlotSide, load_model_config
+    from freshrec.settings import default_model_config_path
+
+    config = load_model_config(default_model_config_path())
+    layout = user_slots(config)
+    assert [n for n, _ in layout] == [s.name for s in config.slots if s.side is SlotSide.USER]
+    recs = [{"user_id": "cold", "age": 23, "gender": "F", "occupation": "writer"},
+            {"user_id": "nobody"}]
+    batch = Featurizer(config).featurize(recs, SlotSide.USER)
+    known = {n: 1.0 + k for k, (n, _) in enumerate(layout) if n != "user"}  # no user-ID rows
+
+    def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
+        dim = dict(layout)[slot]
+        return np.full((len(ids), dim), known.get(slot, 0.0), dtype=np.float32)
+
+    tower = user_tower(config, batch, lookup)
+    assert tower.shape == (2, sum(d for _, d in layout))
+    assert np.all(tower[0, :dict(layout)["user"]] == 0) and np.abs(tower[0]).sum() > 0
+    centroids = np.stack([tower[0] + 0.1, tower[0] * 0 + 5.0]).astype(np.float32)
+    cl, w = context_for(tower[:1], centroids, 1)
+    assert cl[0, 0] == 0 and w[0, 0] == 1.0  # a real context, not the fallback

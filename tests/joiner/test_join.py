@@ -507,3 +507,23 @@ def test_invalid_configuration_is_rejected():
                    {"window_s": 1, "max_pending": 0}, {"window_s": math.inf}):
         with pytest.raises(ValueError):
             Joiner(**kwargs)
+
+
+def test_closed_items_are_counted_by_explored_flag_across_a_restore():
+    j = Joiner(window_s=60)
+    shown = imp("r1", 100.0, ["a", "b", "c", "d"])
+    items = [it.model_copy(update={"explored": it.item_id in ("b", "c")}) for it in shown.items]
+    j.add_impression(shown.model_copy(update={"items": items}))
+    j.join_click(click("c1", 110.0, "b", "r1"))  # an explored item clicked
+    j.join_click(click("c2", 111.0, "a", "r1"))  # an exploited item clicked
+    j = Joiner.restore(j.state())  # the explored set is part of the open record's state
+    assert j.exploration_counts() == (0, 0, 0, 0)  # counted when the window closes
+    j.advance(160.0)
+    assert j.exploration_counts() == (2, 2, 1, 1)
+    c = j.counts()
+    assert (c.shown_explored, c.shown_exploited, c.clicked_explored, c.clicked_exploited) == (
+        2, 2, 1, 1)
+    j.add_impression(imp("r2", 200.0, ["a", "e"]))  # nothing explored, one click
+    j.join_click(click("c3", 201.0, "e", "r2"))
+    j.advance(300.0)
+    assert j.exploration_counts() == (2, 4, 1, 2)

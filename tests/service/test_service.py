@@ -23,12 +23,12 @@ import torch
 import uvicorn
 
 from bandit.clusters import OnlineKMeans
-from bandit.context import context_for
+from bandit.context import context_for, user_tower
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import Impression
 from featurestore.featurize import Featurizer, encode_value, event_record
 from featurestore.pooling import mean_pool
-from featurestore.schema import ModelConfig, load_model_config
+from featurestore.schema import ModelConfig, SlotSide, load_model_config
 from featurestore.snapshot_store import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.settings import Settings
@@ -74,14 +74,20 @@ class World:
             parts.append(mean_pool(table.gather(table.find(ids.ids)), ids.offsets))
         with torch.no_grad():
             pctr = torch.sigmoid(self.state.model(torch.from_numpy(np.concatenate(parts, 1))))
-        user_table = self.state.tables["user"]
-        uvec = user_table.gather(user_table.find(np.array([encode_value(USERS[user])])))
+        uvec = _towers(self.config, self.state.tables, [user])
         cl, w = context_for(uvec, self.clusters.centroids, self.settings.bandit_top_k,
                             counts=self.clusters.counts)
         _, bonus = self.state.bandit.score(
             np.array([encode_value(ITEMS[j]) for j in items]), cl[0], w[0],
             now=self.state.bandit.clock)
         return pctr.numpy().astype(np.float64), bonus
+
+
+def _towers(config: ModelConfig, tables: TableSet, users: list[int]) -> np.ndarray:
+    """The users' towers (every user-side slot pooled) from the trainer's tables."""
+    recs = [event_record(USERS[i], "", user_features(i)) for i in users]
+    batch = Featurizer(config).featurize(recs, SlotSide.USER)
+    return user_tower(config, batch, lambda s, ids: tables[s].gather(tables[s].find(ids)))
 
 
 def build_world(settings: Settings, seed: int = 0) -> World:
@@ -95,12 +101,11 @@ def build_world(settings: Settings, seed: int = 0) -> World:
     for name, table in tables.items():
         table.lookup(batch.slots[name].ids, 1.0)
         table.lookup(batch.slots[name].ids, 1.0)  # zip has min_count 2
-    user_table = tables["user"]
-    clusters = OnlineKMeans(8, user_table.config.dim, seed=seed)
-    clusters.partial_fit(user_table.all_rows()[1])
+    uvecs = _towers(config, tables, list(range(len(USERS))))
+    clusters = OnlineKMeans(8, uvecs.shape[1], seed=seed)
+    clusters.partial_fit(uvecs)
     bandit = DiagLinUCB(settings.bandit_clusters, lam=settings.bandit_lambda)
     rng = np.random.default_rng(seed)
-    uvecs = user_table.gather(user_table.find(np.array([encode_value(u) for u in USERS])))
     cl, w = context_for(uvecs, clusters.centroids, settings.bandit_top_k, counts=clusters.counts)
     for _ in range(5):
         u = rng.integers(len(USERS), size=200)

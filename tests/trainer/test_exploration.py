@@ -72,3 +72,47 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     b = restored.bandit.score(ids, np.array([0, 1]), np.array([0.5, 0.5]))
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert np.array_equal(hook.clusters.centroids, restored.clusters.centroids)
+
+
+def test_service_and_trainer_compute_the_same_context_for_warm_cold_and_unknown_users() -> None:
+    """The trainer's computed context (table rows) equals the served one (snapshot rows)."""
+    from types import SimpleNamespace
+
+    from service.scoring import Scorer
+    from service.snapshot import SlotVectors
+
+    config = load_model_config(default_model_config_path())
+    settings = Settings(bandit_clusters=4, bandit_top_k=2)
+    learner = OnlineLearner(config)
+    hook = ExplorationHook.from_settings(settings, config)
+    profiles = [{"age": 20 + 7 * (i % 6), "gender": "MF"[i % 2], "occupation": f"o{i % 5}",
+                 "zip_prefix": f"{i % 9}{i % 4}"} for i in range(40)]
+    events = [LabeledEvent(event_id=f"e{i}", ts=1000.0 + i, user_id=f"u{i % 40}",
+                           item_id=f"m{i % 5}", label=int(i % 5 == 0), features=profiles[i % 40])
+              for i in range(400)]
+    _train(learner, events)
+    hook.on_batch(events, learner)
+    assert hook.clusters.n_initialized == 4
+    snapshot = SimpleNamespace(
+        slots={name: SlotVectors.build(t.config.dim, *t.all_rows())
+               for name, t in learner.tables.items()},
+        centroids=hook.clusters.centroids, counts=hook.clusters.counts)
+    scorer = Scorer(config, alpha=0.1, top_k_clusters=2)
+    users = [("u3", profiles[3]),  # warm: user-ID row and profile rows
+             ("new-user", profiles[8]),  # cold: no user-ID row, known profile values
+             ("stranger", {"occupation": "never-seen"})]  # nothing known: the fallback
+    probe = [LabeledEvent(event_id=f"p{k}", ts=5000.0, user_id=u, item_id="m1", label=0,
+                          features=f) for k, (u, f) in enumerate(users)]
+    vectors = hook.user_vectors(learner, probe)
+    assert np.abs(vectors[1]).sum() > 0 and np.abs(vectors[2]).sum() == 0
+    _, train_cl, train_w = hook.contexts(probe, vectors)
+    for k, (user, feats) in enumerate(users):
+        _, _, tower = scorer._features(snapshot, user, feats, [("m1", {"genres": ["Drama"]})])
+        np.testing.assert_allclose(tower, vectors[k], rtol=1e-6, atol=1e-7)
+        cl, w = scorer.context(snapshot, tower)
+        assert cl.tolist() == train_cl[k].tolist(), user
+        np.testing.assert_allclose(w, train_w[k], rtol=1e-6)
+    # the cold user is placed by its profile, not the population fallback
+    fallback = np.argsort(-hook.clusters.counts, kind="stable")[:2]
+    cold_ctx = train_cl[1].tolist()
+    assert cold_ctx != fallback.tolist() or train_w[1, 0] != 0.5
