@@ -20,8 +20,10 @@ import xxhash
 
 from bandit.context import context_for
 from featurestore.featurize import Featurizer, SlotIds, encode_value
+from featurestore.pooling import pool_rows
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from service.snapshot import ServingSnapshot, SlotVectors
+from trainer.wide import wide_logits
 
 
 @dataclass(frozen=True)
@@ -45,23 +47,13 @@ def explore_bucket(user_id: str) -> float:
     return xxhash.xxh64_intdigest(user_id.encode(), seed=0x5EED) / 2.0**64
 
 
-def pool_into(out: np.ndarray, store: SlotVectors, s: SlotIds) -> None:
-    """``out[i]`` = the mean of bag i's vectors, zeros for an empty bag: ``mean_pool``'s rule.
+def pool_into(out: np.ndarray, col: int, store: SlotVectors, s: SlotIds) -> None:
+    """``out[i, col:col + dim]`` = the mean of bag i's vectors, zeros for an empty bag.
 
-    ``np.add.reduceat`` sums each bag like ``mean_pool``'s ``np.add.at`` (equal up to float32
-    rounding of the summation order) at a fraction of the cost, and single-ID bags (the item
-    ID, the release year) need no pooling at all.
+    The trainer's pooling kernel (``featurestore.pooling.pool_rows``) on the snapshot's rows:
+    unknown IDs map to the all-zero row 0, as unadmitted IDs pool as zeros in training.
     """
-    lengths = np.diff(s.offsets)
-    vectors = store.lookup(s.ids)
-    if len(vectors) == len(out) and (lengths == 1).all():
-        out[:] = vectors
-        return
-    out[:] = 0.0
-    nonempty = lengths > 0
-    if len(vectors):
-        sums = np.add.reduceat(vectors, s.offsets[:-1][nonempty], axis=0)
-        out[nonempty] = sums / lengths[nonempty][:, None]
+    pool_rows(store.matrix, store.rows(s.ids), s.offsets, out, col)
 
 
 class Scorer:
@@ -135,12 +127,10 @@ class Scorer:
                 if len(s.ids) == 1:  # the usual case: one value, no pooling
                     x[:, a:b] = store.vector(int(s.ids[0]))
                 else:
-                    pooled = np.empty((1, b - a), dtype=np.float32)
-                    pool_into(pooled, store, s)
-                    x[:, a:b] = pooled
+                    pool_into(x[:1], a, store, s)
+                    x[1:, a:b] = x[0, a:b]
             else:
-                s = item_ids[slot.name]
-                pool_into(x[:, a:b], store, s)
+                pool_into(x, a, store, item_ids[slot.name])
         return x, item_ids
 
     @staticmethod
@@ -152,8 +142,9 @@ class Scorer:
     def forward_torch(snapshot: ServingSnapshot, x: np.ndarray) -> np.ndarray:
         """The same through torch (the trainer's code path; kept as the benchmark baseline)."""
         with torch.inference_mode():
-            logits = snapshot.model(torch.from_numpy(x))
-            return torch.sigmoid(logits).numpy().astype(np.float64)
+            deep = snapshot.model(torch.from_numpy(x)).numpy().astype(np.float64)
+        z = deep + wide_logits(x, snapshot.model.slot_starts, snapshot.model.fm_dim)
+        return 1.0 / (1.0 + np.exp(-z))
 
     def _bandit_keys(self, items: Sequence[tuple[str, Mapping[str, Any]]],
                      item_ids: dict[str, SlotIds]) -> np.ndarray:

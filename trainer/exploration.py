@@ -20,7 +20,7 @@ import numpy as np
 from bandit.clusters import OnlineKMeans
 from bandit.context import context_for
 from bandit.diag_linucb import DiagLinUCB
-from featurestore.events import LabeledEvent
+from featurestore.events import AnyLabeledEvent
 from featurestore.featurize import encode_value
 from featurestore.schema import ModelConfig
 from freshrec.settings import Settings
@@ -59,7 +59,7 @@ class ExplorationHook:
                           count=len(user_ids))
         return table.gather(table.find(ids))
 
-    def contexts(self, events: list[LabeledEvent], vectors: np.ndarray
+    def contexts(self, events: list[AnyLabeledEvent], vectors: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mask, clusters, weights)``: the context of each event (logged, else computed).
 
@@ -91,7 +91,7 @@ class ExplorationHook:
             mask[idx] = True
         return mask, clusters, weights
 
-    def on_batch(self, events: list[LabeledEvent], learner: OnlineLearner) -> None:
+    def on_batch(self, events: list[AnyLabeledEvent], learner: OnlineLearner) -> None:
         """Refine the clusters with this batch's users, then add the rewards."""
         vectors = self.user_vectors(learner, [e.user_id for e in events])
         known = np.any(vectors != 0, axis=1)
