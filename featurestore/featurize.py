@@ -59,9 +59,6 @@ class SparseBatch:
     slots: dict[str, SlotIds]
 
 
-_MISSING = object()  # a column entry with no value: an empty bag
-
-
 class _SlotEncoder:
     """Raw values of one slot -> jagged IDs, memoizing value -> IDs.
 
@@ -75,6 +72,7 @@ class _SlotEncoder:
         self.slot = slot
         self.max_entries = max_entries
         self._memo: dict[Any, tuple[int, ...]] = {}
+        self._single_memo: dict[Any, int] = {}  # values of exactly one ID, unboxed
         if slot.kind is SlotKind.BUCKETIZED:
             bounds = list(slot.boundaries)
 
@@ -98,7 +96,7 @@ class _SlotEncoder:
         self._single = slot.kind is not SlotKind.MULTI_VALUED
 
     def _ids_of(self, value: Any) -> tuple[int, ...]:
-        if value is None or value is _MISSING:
+        if value is None:
             return ()
         key = tuple(value) if isinstance(value, list) else value
         memo = self._memo
@@ -109,23 +107,28 @@ class _SlotEncoder:
         if ids is None:
             if len(memo) >= self.max_entries:
                 memo.clear()
+                self._single_memo.clear()
             ids = memo[key] = self._encode(value)
+            if len(ids) == 1 and not isinstance(value, list):
+                self._single_memo[key] = ids[0]
         return ids
 
     def encode(self, values: Sequence[Any]) -> SlotIds:
         """The jagged IDs of a column of raw values (``None``: no value, an empty bag)."""
         n = len(values)
         if self._single:
-            # Fast path: every value present, hashable and memoized -> one ID each.
-            memo = self._memo
+            # The common case in one list pass: every value present and memoized to one ID.
+            get = self._single_memo.get
             try:
-                ids = np.fromiter((memo[v][0] for v in values), dtype=np.int64, count=n)
-                return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
-            except (KeyError, TypeError, IndexError):
-                pass
-        bags = [self._ids_of(v) for v in values]
+                ids = [get(v) for v in values]
+            except TypeError:  # an unhashable value: the general path below
+                ids = [None]
+            if None not in ids:
+                return SlotIds(np.array(ids, dtype=np.int64), np.arange(n + 1, dtype=np.int64))
+        bags = list(map(self._ids_of, values))
+        lengths = list(map(len, bags))
         offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in bags], out=offsets[1:])
+        np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter(chain.from_iterable(bags), dtype=np.int64, count=int(offsets[-1]))
         return SlotIds(ids, offsets)
 
@@ -157,6 +160,7 @@ class Featurizer:
         """IDs straight from parsed events (anything with ``user_id``, ``item_id`` and a
         ``features`` dict), without building a record per event."""
         out = {}
+        features: list[Mapping[str, Any]] | None = None
         for s in self._slots(side):
             src = s.source
             if src == "user_id":
@@ -164,9 +168,20 @@ class Featurizer:
             elif src == "item_id":
                 column = [e.item_id for e in events]
             else:
-                column = [e.features.get(src) for e in events]
+                if features is None:
+                    features = [e.features for e in events]
+                column = [f.get(src) for f in features]
             out[s.name] = self._encoders[s.name].encode(column)
         return SparseBatch(len(events), out)
+
+
+def bandit_keys(item_ids: Sequence[Any]) -> np.ndarray:
+    """The exploration statistics' key of each item: its ID encoded as a categorical value.
+
+    The trainer updates and the service scores the statistics under these keys; for a
+    categorical item slot they equal the slot's IDs, which the service reuses when it has them.
+    """
+    return np.fromiter(map(encode_value, item_ids), dtype=np.int64, count=len(item_ids))
 
 
 def event_record(user_id: str, item_id: str, features: Mapping[str, Any]) -> dict[str, Any]:

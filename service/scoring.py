@@ -19,7 +19,7 @@ import torch
 import xxhash
 
 from bandit.context import context_for
-from featurestore.featurize import Featurizer, SlotIds, encode_value
+from featurestore.featurize import Featurizer, SlotIds, bandit_keys, encode_value
 from featurestore.pooling import pool_rows
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from service.snapshot import ServingSnapshot, SlotVectors
@@ -148,14 +148,14 @@ class Scorer:
 
     def _bandit_keys(self, items: Sequence[tuple[str, Mapping[str, Any]]],
                      item_ids: dict[str, SlotIds]) -> np.ndarray:
-        """The statistics' key of each candidate: ``encode_value(item_id)``, as the trainer uses.
+        """The statistics' key of each candidate (:func:`bandit_keys`, as the trainer uses).
 
         For a categorical item slot that is exactly the slot's (already computed) ID.
         """
         slot = self.config.item_slot
         if slot.kind is SlotKind.CATEGORICAL:
             return item_ids[slot.name].ids
-        return np.fromiter((encode_value(i) for i, _ in items), dtype=np.int64, count=len(items))
+        return bandit_keys([i for i, _ in items])
 
     def context(self, snapshot: ServingSnapshot, user_id: str
                 ) -> tuple[np.ndarray, np.ndarray] | None:

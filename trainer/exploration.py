@@ -21,7 +21,7 @@ from bandit.clusters import OnlineKMeans
 from bandit.context import context_for
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import AnyLabeledEvent
-from featurestore.featurize import encode_value
+from featurestore.featurize import bandit_keys, encode_value
 from featurestore.schema import ModelConfig
 from freshrec.settings import Settings
 from trainer.checkpoint import load_arrays, save_arrays
@@ -102,8 +102,7 @@ class ExplorationHook:
             return
         chosen = [e for e, m in zip(events, mask, strict=True) if m]
         self.bandit.update(
-            np.fromiter((encode_value(e.item_id) for e in chosen), dtype=np.int64,
-                        count=len(chosen)),
+            bandit_keys([e.item_id for e in chosen]),
             clusters[mask], weights[mask],
             np.fromiter((e.label for e in chosen), dtype=np.float64, count=len(chosen)),
             np.fromiter((e.ts for e in chosen), dtype=np.float64, count=len(chosen)),
