@@ -121,6 +121,10 @@ class _SlotEncoder:
             get = self._single_memo.get
             try:
                 ids = [get(v) for v in values]
+                if None in ids:  # memoize the misses, then once more
+                    for v in {v for v, i in zip(values, ids, strict=True) if i is None}:
+                        self._ids_of(v)
+                    ids = [get(v) for v in values]
             except TypeError:  # an unhashable value: the general path below
                 ids = [None]
             if None not in ids:
