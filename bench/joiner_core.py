@@ -6,7 +6,7 @@ clicks land after the 20 s window), 10% of clicks without a request id, watermar
 1,000 messages to the max event time minus 2 s of allowed lateness.
 
 Three timings, so object construction is not mistaken for join cost:
-  * parse:  ``Impression/Click.model_validate_json`` of the raw Kafka values only;
+  * parse:  ``parse_impression``/``parse_click`` (msgspec) of the raw Kafka values only;
   * join:   the joiner fed already-parsed objects (``add_impression``/``join_click``/``advance``);
   * e2e:    parse + join from raw bytes, what the integrated consumer pays before producing;
 and separately ``to_json`` of the emitted examples (the producer side), plus the size and time
@@ -32,7 +32,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from featurestore.events import Click, Impression
+from featurestore.events import AnyClick, AnyImpression, parse_click, parse_impression
 from joiner.join import Joiner
 
 ITEMS_PER_REQUEST = 10
@@ -84,9 +84,8 @@ def make_stream(n_requests: int, seed: int) -> tuple[list[tuple[str, bytes]], di
     return [(k, v) for _, _, k, v in msgs], imp_ts
 
 
-def parse(raw: list[tuple[str, bytes]]) -> list[tuple[str, Impression | Click]]:
-    return [(k, Impression.model_validate_json(v) if k == "imp" else Click.model_validate_json(v))
-            for k, v in raw]
+def parse(raw: list[tuple[str, bytes]]) -> list[tuple[str, AnyImpression | AnyClick]]:
+    return [(k, parse_impression(v) if k == "imp" else parse_click(v)) for k, v in raw]
 
 
 class Sink:
@@ -110,7 +109,7 @@ class Sink:
             self.kept += events
 
 
-def run_join(joiner: Joiner, parsed: list[tuple[str, Impression | Click]], sink: Sink,
+def run_join(joiner: Joiner, parsed: list[tuple[str, AnyImpression | AnyClick]], sink: Sink,
              final: bool = True) -> None:
     """The consumer loop minus Kafka: what the integrated joiner does per message."""
     high = -np.inf
@@ -135,7 +134,7 @@ def run_join(joiner: Joiner, parsed: list[tuple[str, Impression | Click]], sink:
 def run_e2e(joiner: Joiner, raw: list[tuple[str, bytes]], sink: Sink) -> None:
     """Parse each raw Kafka value, then join: the integrated consumer's cost per message."""
     high = -np.inf
-    imp_json, click_json = Impression.model_validate_json, Click.model_validate_json
+    imp_json, click_json = parse_impression, parse_click
     add_imp, join_click, advance = joiner.add_impression, joiner.join_click, joiner.advance
     for n, (kind, v) in enumerate(raw, 1):
         if kind == "imp":
@@ -194,7 +193,7 @@ def main() -> None:
     # consumer drops each message after joining it); then keep one parsed copy for the join.
     def parse_and_drop() -> None:
         for k, v in raw:
-            (Impression.model_validate_json if k == "imp" else Click.model_validate_json)(v)
+            (parse_impression if k == "imp" else parse_click)(v)
 
     parse_s = timed(parse_and_drop, "default")
     parse_tuned_s = timed(parse_and_drop, "tuned")

@@ -1,16 +1,28 @@
 """Wire schema of everything that flows through Kafka: labeled events, impressions, clicks.
 
-JSON on the wire (orjson), validated by pydantic so that a rejection names the field. Limits on
-string and list sizes are part of the contract: a trainer must never be taken down by one huge
-message, so oversize values are rejected here and dead-lettered with the reason.
+JSON on the wire. Limits on string and list sizes are part of the contract: a trainer must never
+be taken down by one huge message, so oversize values are rejected here and dead-lettered with
+the reason. The limits are the constants below, and both schemas are built from them:
+
+* pydantic models (``LabeledEvent``, ``Impression``, ...): the HTTP contract (OpenAPI, 4xx
+  bodies naming the field) and the source of every rejection reason;
+* msgspec structs (``LabeledEventMsg``, ``ImpressionMsg``, ...): the Kafka hot path. Decoding
+  and validating an event takes ~1 us instead of ~6-16 us. The ``parse_*`` functions try the
+  struct first; anything it refuses is handed to pydantic, which either names the field (the
+  same reason as before, so DLQ reasons do not depend on which path ran) or accepts it (pydantic
+  is laxer in a few spots, e.g. ``1.0`` for an int). msgspec never accepts what pydantic refuses
+  (``tests/featurestore/test_events.py`` checks a corpus of edge cases both ways).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
+import msgspec
 import orjson
+from msgspec import Meta
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -21,15 +33,20 @@ from pydantic import (
 )
 
 MAX_ID_LEN = 128
+MAX_FEATURE_NAME_LEN = 64
 MAX_FEATURES = 64
 MAX_LIST_LEN = 64
+MAX_SHOWN_ITEMS = 10_000
+MAX_CLUSTER = (1 << 31) - 1
 MAX_TS = 4_102_444_800.0  # 2100-01-01: anything later is a unit mix-up (ms instead of s)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_FLOAT_MAX = 1.7976931348623157e308  # finite floats are exactly those within +-this
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
 Text = Annotated[str, Field(max_length=MAX_ID_LEN)]
 # Floats must be finite to bucketize and to serialize back to JSON. An integer beyond int64
 # parses as a float (and the featurizer hashes it like any out-of-range number).
-Int64 = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]
+Int64 = Annotated[int, Field(ge=_INT64[0], le=_INT64[1])]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 # left_to_right: try str, int, float, list in turn instead of scoring every member (~20% faster
 # parsing on the trainer's hot path).
@@ -37,8 +54,8 @@ FeatureValue = Annotated[
     Text | Int64 | FiniteFloat | Annotated[list[Text], Field(max_length=MAX_LIST_LEN)],
     Field(union_mode="left_to_right"),
 ]
-Features = Annotated[dict[Annotated[str, Field(max_length=64)], FeatureValue], Field(
-    max_length=MAX_FEATURES)]
+Features = Annotated[dict[Annotated[str, Field(max_length=MAX_FEATURE_NAME_LEN)], FeatureValue],
+                     Field(max_length=MAX_FEATURES)]
 Timestamp = Annotated[float, Field(ge=0, le=MAX_TS)]
 
 
@@ -61,7 +78,7 @@ class BanditContext(_Wire):
     1e600 to one item's statistics and zero its exploration bonus for good.
     """
 
-    clusters: Annotated[list[Annotated[int, Field(ge=0, lt=1 << 31)]],
+    clusters: Annotated[list[Annotated[int, Field(ge=0, le=MAX_CLUSTER)]],
                         Field(max_length=MAX_CONTEXT_CLUSTERS)]
     weights: Annotated[list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]],
                        Field(max_length=MAX_CONTEXT_CLUSTERS)]
@@ -119,7 +136,7 @@ class Impression(_Wire):
     user_id: Id
     model_version: int
     features: Features = Field(default_factory=dict)
-    items: Annotated[list[ShownItem], Field(max_length=10_000)]
+    items: Annotated[list[ShownItem], Field(max_length=MAX_SHOWN_ITEMS)]
     context: BanditContext | None = None
 
 
@@ -150,11 +167,121 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_labeled_event(raw: bytes) -> LabeledEvent:
-    """Parse one Kafka message value; raise :class:`EventRejected` with the reason."""
+def _validate(model: type[BaseModel], raw: bytes) -> Any:
+    """pydantic's verdict on ``raw``: the model, or :class:`EventRejected` naming the field."""
     try:
-        return LabeledEvent.model_validate_json(raw)
+        return model.model_validate_json(raw)
     except ValidationError as exc:
         raise EventRejected(describe_validation_error(exc)) from None
     except ValueError as exc:  # not JSON at all
         raise EventRejected(f"<root>: not valid JSON ({exc})") from None
+
+
+# --- the compiled hot path: msgspec structs built from the same limits ------------------------
+
+_MId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_LEN)]
+_MText = Annotated[str, Meta(max_length=MAX_ID_LEN)]
+_MInt64 = Annotated[int, Meta(ge=_INT64[0], le=_INT64[1])]
+_MFinite = Annotated[float, Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+_MFeatureValue = _MText | _MInt64 | _MFinite | Annotated[list[_MText],
+                                                         Meta(max_length=MAX_LIST_LEN)]
+_MFeatures = Annotated[dict[Annotated[str, Meta(max_length=MAX_FEATURE_NAME_LEN)],
+                            _MFeatureValue], Meta(max_length=MAX_FEATURES)]
+_MTs = Annotated[float, Meta(ge=0, le=MAX_TS)]
+_Unit = Annotated[float, Meta(ge=0, le=1)]
+
+
+class _Msg(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    def to_json(self) -> bytes:
+        """Serialize for Kafka, dropping unset optional fields to keep messages small."""
+        return _ENCODER.encode(self)
+
+
+class BanditContextMsg(_Msg):
+    """:class:`BanditContext` on the hot path."""
+
+    clusters: Annotated[list[Annotated[int, Meta(ge=0, le=MAX_CLUSTER)]],
+                        Meta(max_length=MAX_CONTEXT_CLUSTERS)]
+    weights: Annotated[list[Annotated[float, Meta(ge=0, le=1)]],
+                       Meta(max_length=MAX_CONTEXT_CLUSTERS)]
+
+    def __post_init__(self) -> None:
+        # BanditContext's cross-field rules; a failure hands the message to pydantic's reason.
+        if len(self.clusters) != len(self.weights) or sum(self.weights) > 1.0 + 1e-6:
+            raise ValueError("not a context")
+
+
+class LabeledEventMsg(_Msg):
+    """:class:`LabeledEvent` on the hot path (same fields, same limits)."""
+
+    event_id: _MId
+    ts: _MTs
+    user_id: _MId
+    item_id: _MId
+    label: Annotated[int, Meta(ge=0, le=1)]
+    features: _MFeatures = {}
+    request_id: _MId | None = None
+    context: BanditContextMsg | None = None
+    p_true: _Unit | None = None
+    sample_rate: Annotated[float, Meta(gt=0, le=1)] | None = None
+
+
+class ShownItemMsg(_Msg):
+    """:class:`ShownItem` on the hot path."""
+
+    item_id: _MId
+    position: Annotated[int, Meta(ge=0)]
+    score: float
+    pctr: float
+    bonus: float = 0.0
+    explored: bool = False
+    features: _MFeatures = {}
+
+
+class ImpressionMsg(_Msg):
+    """:class:`Impression` on the hot path."""
+
+    request_id: _MId
+    ts: _MTs
+    user_id: _MId
+    model_version: int
+    features: _MFeatures = {}
+    items: Annotated[list[ShownItemMsg], Meta(max_length=MAX_SHOWN_ITEMS)] = []
+    context: BanditContextMsg | None = None
+
+
+class ClickMsg(_Msg):
+    """:class:`Click` on the hot path."""
+
+    event_id: _MId
+    ts: _MTs
+    user_id: _MId
+    item_id: _MId
+    request_id: _MId | None = None
+
+
+_ENCODER = msgspec.json.Encoder()
+AnyLabeledEvent = LabeledEventMsg | LabeledEvent
+AnyImpression = ImpressionMsg | Impression
+AnyClick = ClickMsg | Click
+
+
+def _parser(fast: type[_Msg], model: type[BaseModel]):
+    decode = msgspec.json.Decoder(fast).decode
+    errors = (msgspec.ValidationError, msgspec.DecodeError)
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except errors:
+            return _validate(model, raw)  # the reason, or pydantic's laxer acceptance
+
+    parse.__doc__ = (f"Parse one Kafka message value into a ``{fast.__name__}`` (or, where only "
+                     f"pydantic accepts it, a ``{model.__name__}``); raise "
+                     ":class:`EventRejected` with the reason.")
+    return parse
+
+
+parse_labeled_event: Callable[[bytes], AnyLabeledEvent] = _parser(LabeledEventMsg, LabeledEvent)
+parse_impression: Callable[[bytes], AnyImpression] = _parser(ImpressionMsg, Impression)
+parse_click: Callable[[bytes], AnyClick] = _parser(ClickMsg, Click)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -58,59 +59,133 @@ class SparseBatch:
     slots: dict[str, SlotIds]
 
 
-class Featurizer:
-    """Turns records (``user_id``, ``item_id`` and feature values in one mapping) into IDs."""
+class _SlotEncoder:
+    """Raw values of one slot -> jagged IDs, memoizing value -> IDs.
 
-    def __init__(self, config: ModelConfig) -> None:
-        self.config = config
-        self._encoders = {s.name: self._encoder_for(s) for s in config.slots}
+    On real streams values repeat (IDs, demographics, genres), so most of a batch is a dict
+    hit instead of type dispatch plus xxh64. Equal Python values (``1``, ``1.0``, ``True``)
+    encode to the same ID, so they may share a memo entry; lists are memoized as tuples. The
+    memo is cleared when it exceeds ``max_entries``, bounding memory on one-off IDs.
+    """
 
-    @staticmethod
-    def _encoder_for(slot: SlotConfig):
+    def __init__(self, slot: SlotConfig, max_entries: int) -> None:
+        self.slot = slot
+        self.max_entries = max_entries
+        self._memo: dict[Any, tuple[int, ...]] = {}
+        self._single_memo: dict[Any, int] = {}  # values of exactly one ID, unboxed
         if slot.kind is SlotKind.BUCKETIZED:
             bounds = list(slot.boundaries)
 
-            def bucket(value: Any) -> list[int]:
+            def encode(value: Any) -> tuple[int, ...]:
                 try:
-                    return [bisect_right(bounds, float(value))]
+                    return (bisect_right(bounds, float(value)),)
                 except (TypeError, ValueError):
-                    return []
+                    return ()
+        elif slot.kind is SlotKind.MULTI_VALUED:
 
-            return bucket
-        if slot.kind is SlotKind.MULTI_VALUED:
+            def encode(value: Any) -> tuple[int, ...]:
+                if isinstance(value, list | tuple):
+                    return tuple(encode_value(v) for v in value)
+                return tuple(encode_value(v) for v in str(value).split("|") if v)
+        else:
 
-            def many(value: Any) -> list[int]:
-                if isinstance(value, list):
-                    return [encode_value(v) for v in value]
-                return [encode_value(v) for v in str(value).split("|") if v]
+            def encode(value: Any) -> tuple[int, ...]:
+                return (encode_value(value),)
 
-            return many
+        self._encode = encode
+        self._single = slot.kind is not SlotKind.MULTI_VALUED
 
-        def one(value: Any) -> list[int]:
-            return [encode_value(value)]
+    def _ids_of(self, value: Any) -> tuple[int, ...]:
+        if value is None:
+            return ()
+        key = tuple(value) if isinstance(value, list) else value
+        memo = self._memo
+        try:
+            ids = memo.get(key)
+        except TypeError:  # unhashable inside (a list in a list): encode, do not memoize
+            return self._encode(value)
+        if ids is None:
+            if len(memo) >= self.max_entries:
+                memo.clear()
+                self._single_memo.clear()
+            ids = memo[key] = self._encode(value)
+            if len(ids) == 1 and not isinstance(value, list):
+                self._single_memo[key] = ids[0]
+        return ids
 
-        return one
+    def encode(self, values: Sequence[Any]) -> SlotIds:
+        """The jagged IDs of a column of raw values (``None``: no value, an empty bag)."""
+        n = len(values)
+        if self._single:
+            # The common case in one list pass: every value present and memoized to one ID.
+            get = self._single_memo.get
+            try:
+                ids = [get(v) for v in values]
+                if None in ids:  # memoize the misses, then once more
+                    for v in {v for v, i in zip(values, ids, strict=True) if i is None}:
+                        self._ids_of(v)
+                    ids = [get(v) for v in values]
+            except TypeError:  # an unhashable value: the general path below
+                ids = [None]
+            if None not in ids:
+                return SlotIds(np.array(ids, dtype=np.int64), np.arange(n + 1, dtype=np.int64))
+        bags = list(map(self._ids_of, values))
+        lengths = list(map(len, bags))
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.fromiter(chain.from_iterable(bags), dtype=np.int64, count=int(offsets[-1]))
+        return SlotIds(ids, offsets)
+
+
+class Featurizer:
+    """Turns examples into jagged IDs per slot: from records (one mapping per example holding
+    ``user_id``, ``item_id`` and the feature values) or straight from parsed events.
+
+    ``max_entries`` bounds each slot's memo of value -> IDs (see :class:`_SlotEncoder`).
+    """
+
+    def __init__(self, config: ModelConfig, max_entries: int = 1 << 20) -> None:
+        self.config = config
+        self._encoders = {s.name: _SlotEncoder(s, max_entries) for s in config.slots}
+
+    def _slots(self, side: SlotSide | None) -> list[SlotConfig]:
+        return [s for s in self.config.slots if side is None or s.side is side]
 
     def featurize(
         self, records: Sequence[Mapping[str, Any]], side: SlotSide | None = None
     ) -> SparseBatch:
         """IDs for every slot (or only those of ``side``) of ``records``."""
-        slots = [s for s in self.config.slots if side is None or s.side is side]
-        out: dict[str, SlotIds] = {}
-        n = len(records)
-        for slot in slots:
-            encode = self._encoders[slot.name]
-            source = slot.source
-            ids: list[int] = []
-            offsets = np.empty(n + 1, dtype=np.int64)
-            offsets[0] = 0
-            for i, rec in enumerate(records):
-                value = rec.get(source)
-                if value is not None:
-                    ids.extend(encode(value))
-                offsets[i + 1] = len(ids)
-            out[slot.name] = SlotIds(np.array(ids, dtype=np.int64), offsets)
-        return SparseBatch(n, out)
+        out = {s.name: self._encoders[s.name].encode([r.get(s.source) for r in records])
+               for s in self._slots(side)}
+        return SparseBatch(len(records), out)
+
+    def featurize_events(self, events: Sequence[Any], side: SlotSide | None = None
+                         ) -> SparseBatch:
+        """IDs straight from parsed events (anything with ``user_id``, ``item_id`` and a
+        ``features`` dict), without building a record per event."""
+        out = {}
+        features: list[Mapping[str, Any]] | None = None
+        for s in self._slots(side):
+            src = s.source
+            if src == "user_id":
+                column = [e.user_id for e in events]
+            elif src == "item_id":
+                column = [e.item_id for e in events]
+            else:
+                if features is None:
+                    features = [e.features for e in events]
+                column = [f.get(src) for f in features]
+            out[s.name] = self._encoders[s.name].encode(column)
+        return SparseBatch(len(events), out)
+
+
+def bandit_keys(item_ids: Sequence[Any]) -> np.ndarray:
+    """The exploration statistics' key of each item: its ID encoded as a categorical value.
+
+    The trainer updates and the service scores the statistics under these keys; for a
+    categorical item slot they equal the slot's IDs, which the service reuses when it has them.
+    """
+    return np.fromiter(map(encode_value, item_ids), dtype=np.int64, count=len(item_ids))
 
 
 def event_record(user_id: str, item_id: str, features: Mapping[str, Any]) -> dict[str, Any]:

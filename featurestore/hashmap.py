@@ -98,6 +98,40 @@ def find_many(index: np.ndarray, row_ids: np.ndarray, keys: np.ndarray) -> np.nd
     return out
 
 
+@njit(cache=True)
+def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(uniq, local)``: the distinct non-negative rows in first-occurrence order, and for each
+    entry its position in ``uniq`` (-1 where the row is -1).
+
+    A scratch open-addressing map sized for this call does the grouping: O(n), nothing kept.
+    """
+    n = rows.shape[0]
+    cap = 16
+    while cap < 2 * n:
+        cap *= 2
+    slot_rows = np.full(cap, -1, dtype=np.int64)
+    slot_pos = np.empty(cap, dtype=np.int64)
+    uniq = np.empty(n, dtype=np.int64)
+    local = np.empty(n, dtype=np.int64)
+    k = 0
+    mask = cap - 1
+    for i in range(n):
+        r = rows[i]
+        if r < 0:
+            local[i] = -1
+            continue
+        s = (r * 0x9E3779B1) & mask
+        while slot_rows[s] != -1 and slot_rows[s] != r:
+            s = (s + 1) & mask
+        if slot_rows[s] == -1:
+            slot_rows[s] = r
+            slot_pos[s] = k
+            uniq[k] = r
+            k += 1
+        local[i] = slot_pos[s]
+    return uniq[:k], local
+
+
 # --- exact pending counts (admission='exact'): int64 key -> int64 count, same probing scheme --
 
 

@@ -21,42 +21,68 @@ import math
 import numpy as np
 from numba import njit
 
+from featurestore.hashmap import unique_rows
+
 ADAGRAD_EPS = 1e-10
 
 
 @njit(cache=True)
 def sum_by_row(rows: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique valid rows (first-occurrence order) and the sum of their gradients.
+    """Unique valid rows (first-occurrence order) and the sum of their gradients."""
+    uniq, local = unique_rows(rows)
+    summed = np.zeros((uniq.shape[0], grads.shape[1]), dtype=np.float32)
+    for i in range(rows.shape[0]):
+        p = local[i]
+        if p >= 0:
+            for j in range(grads.shape[1]):
+                summed[p, j] += grads[i, j]
+    return uniq, summed
 
-    A scratch open-addressing map sized for this batch does the grouping, so the cost is
-    O(batch) and no per-table scratch memory is kept between calls.
-    """
-    n, dim = grads.shape
-    cap = 16
-    while cap < 2 * n:
-        cap *= 2
-    slot_rows = np.full(cap, -1, dtype=np.int64)
-    slot_pos = np.empty(cap, dtype=np.int64)
-    uniq = np.empty(n, dtype=np.int64)
-    summed = np.zeros((n, dim), dtype=np.float32)
-    k = 0
-    mask = cap - 1
-    for i in range(n):
-        r = rows[i]
-        if r < 0:
-            continue
-        s = (r * 0x9E3779B1) & mask
-        while slot_rows[s] != -1 and slot_rows[s] != r:
-            s = (s + 1) & mask
-        if slot_rows[s] == -1:
-            slot_rows[s] = r
-            slot_pos[s] = k
-            uniq[k] = r
-            k += 1
-        p = slot_pos[s]
-        for j in range(dim):
-            summed[p, j] += grads[i, j]
-    return uniq[:k], summed[:k]
+
+# --- one coordinate of each optimizer: the only place its update rule is written --------------
+# The batch kernels below (one step per unique row) and the trainer's per-example kernels
+# (trainer/wide.py) both call these, so a rule cannot drift between the two paths.
+
+SGD, ADAGRAD, FTRL = 0, 1, 2  # optimizer codes for kernels that serve every slot
+
+
+@njit(cache=True, inline="always")
+def adagrad_coord(emb: np.ndarray, acc: np.ndarray, r: int, j: int, g: float, lr: float) -> None:
+    """``a += g^2; w -= lr * g / (sqrt(a) + eps)`` on ``emb[r, j]``."""
+    a = np.float32(np.float64(acc[r, j]) + g * g)
+    acc[r, j] = a
+    step = lr * g / (math.sqrt(np.float64(a)) + ADAGRAD_EPS)
+    emb[r, j] = np.float32(np.float64(emb[r, j]) - step)
+
+
+@njit(cache=True, inline="always")
+def ftrl_coord(emb: np.ndarray, z: np.ndarray, n: np.ndarray, r: int, j: int, g: float,
+               alpha: float, beta: float, l1: float, l2: float) -> None:
+    """FTRL-proximal on ``emb[r, j]`` (``emb`` holds the closed-form weight)."""
+    n_old = np.float64(n[r, j])
+    n_new = n_old + g * g
+    sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
+    zz = np.float64(z[r, j]) + g - sigma * np.float64(emb[r, j])
+    z[r, j] = np.float32(zz)
+    n[r, j] = np.float32(n_new)
+    if abs(zz) <= l1:
+        emb[r, j] = np.float32(0.0)
+    else:
+        sign = 1.0 if zz > 0 else -1.0
+        emb[r, j] = np.float32(-(zz - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2))
+
+
+@njit(cache=True, inline="always")
+def update_coord(kind: int, emb: np.ndarray, s1: np.ndarray, s2: np.ndarray, r: int, j: int,
+                 g: float, lr: float, beta: float, l1: float, l2: float) -> None:
+    """One step of optimizer ``kind`` on ``emb[r, j]``; ``s1``/``s2``: its state arrays
+    (Adagrad: ``acc``, unused; FTRL: ``z``, ``n``; SGD: unused)."""
+    if kind == ADAGRAD:
+        adagrad_coord(emb, s1, r, j, g, lr)
+    elif kind == FTRL:
+        ftrl_coord(emb, s1, s2, r, j, g, lr, beta, l1, l2)
+    else:
+        emb[r, j] = np.float32(np.float64(emb[r, j]) - lr * g)
 
 
 @njit(cache=True)
@@ -76,13 +102,7 @@ def adagrad_step(
     for i in range(rows.shape[0]):
         r = rows[i]
         for j in range(emb.shape[1]):
-            g = np.float64(grads[i, j])
-            a = np.float64(acc[r, j]) + g * g
-            acc[r, j] = np.float32(a)
-            emb[r, j] = np.float32(
-                np.float64(emb[r, j])
-                - lr * g / (math.sqrt(np.float64(np.float32(a))) + ADAGRAD_EPS)
-            )
+            adagrad_coord(emb, acc, r, j, np.float64(grads[i, j]), lr)
 
 
 @njit(cache=True)
@@ -120,18 +140,7 @@ def ftrl_step(
     for i in range(rows.shape[0]):
         r = rows[i]
         for j in range(emb.shape[1]):
-            g = np.float64(grads[i, j])
-            n_old = np.float64(n[r, j])
-            n_new = n_old + g * g
-            sigma = (math.sqrt(n_new) - math.sqrt(n_old)) / alpha
-            zz = np.float64(z[r, j]) + g - sigma * np.float64(emb[r, j])
-            z[r, j] = np.float32(zz)
-            n[r, j] = np.float32(n_new)
-            if abs(zz) <= l1:
-                emb[r, j] = np.float32(0.0)
-            else:
-                sign = 1.0 if zz > 0 else -1.0
-                emb[r, j] = np.float32(-(zz - sign * l1) / ((beta + math.sqrt(n_new)) / alpha + l2))
+            ftrl_coord(emb, z, n, r, j, np.float64(grads[i, j]), alpha, beta, l1, l2)
 
 
 def ftrl_z_for_weights(

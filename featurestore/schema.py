@@ -82,11 +82,30 @@ class DenseConfig(_Frozen):
     learning_rate: Annotated[float, Field(gt=0)] = 0.003
 
 
+class WideConfig(_Frozen):
+    """The wide part, learned one example at a time: a bias per ID and a factorization machine
+    over the slots (trainer/wide.py).
+
+    Both live in the slots' embedding rows, so they need no tables of their own: coordinate 0
+    of a row is the ID's bias, coordinates ``1..fm_dim`` its FM factor. ``fm_dim`` (``None``:
+    every coordinate the smallest slot has after its bias) must fit the smallest slot;
+    0 keeps only the biases.
+
+    ``bias_learning_rate``: the bias coordinates' rate (the factors use their slot's
+    ``learning_rate``). 0.5 is Vowpal Wabbit's default for adaptive linear weights, as 0.2 is
+    libFFM's for factors; tuned values on MovieLens sit at the same place (docs/trainer.md).
+    """
+
+    fm_dim: Annotated[int, Field(ge=0)] | None = None
+    bias_learning_rate: Annotated[float, Field(gt=0)] = 0.5
+
+
 class ModelConfig(_Frozen):
-    """A whole model: its slots and its dense network."""
+    """A whole model: its slots, its wide part and its dense network."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     slots: tuple[SlotConfig, ...]
+    wide: WideConfig = WideConfig()
     dense: DenseConfig = DenseConfig()
 
     @model_validator(mode="after")
@@ -99,7 +118,26 @@ class ModelConfig(_Frozen):
             raise ValueError("need at least one user-side and one item-side slot")
         if not any(s.source == "item_id" for s in self.slots):
             raise ValueError("one slot must read 'item_id' (exploration statistics key on it)")
+        fm, smallest = self.wide.fm_dim, min(s.dim for s in self.slots)
+        if fm is not None and fm > smallest - 1:
+            raise ValueError(f"wide.fm_dim {fm} does not fit the smallest slot (dim {smallest}:"
+                             f" one bias + at most {smallest - 1} factor coordinates)")
         return self
+
+    @property
+    def fm_dim(self) -> int:
+        """FM factor coordinates per row (after the bias), resolved."""
+        fm = self.wide.fm_dim
+        return min(s.dim for s in self.slots) - 1 if fm is None else fm
+
+    @property
+    def slot_starts(self) -> tuple[int, ...]:
+        """Column where each slot's pooled vector starts in the model input, in slot order."""
+        starts, col = [], 0
+        for s in self.slots:
+            starts.append(col)
+            col += s.dim
+        return tuple(starts)
 
     def slot(self, name: str) -> SlotConfig:
         """The slot called ``name``."""

@@ -518,6 +518,43 @@ class EmbeddingTable:
             )  # fmt: skip
         a["versions"][uniq] = self.version
 
+    @property
+    def optimizer_code(self) -> int:
+        """The optimizer as a kernel code (``featurestore.optimizers.SGD/ADAGRAD/FTRL``)."""
+        c = self.config
+        if c.optimizer == "adagrad" and c.rowwise_adagrad:
+            raise ValueError(f"{c.name}: row-wise Adagrad has no per-coordinate kernel")
+        return {"sgd": opt.SGD, "adagrad": opt.ADAGRAD, "ftrl": opt.FTRL}[c.optimizer]
+
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of ``(emb, state1, state2)`` at ``rows`` (live, distinct) for a working set.
+
+        ``state1``/``state2``: Adagrad ``acc`` and zeros, FTRL ``z`` and ``n``, SGD zeros
+        (the layout of :func:`featurestore.optimizers.update_coord`).
+        """
+        a = self._rows
+        emb = a["emb"][rows]
+        if self.config.optimizer == "ftrl":
+            return emb, a["ftrl_z"][rows], a["ftrl_n"][rows]
+        s1 = a["acc"][rows] if self.config.optimizer == "adagrad" else np.zeros_like(emb)
+        return emb, s1, np.zeros_like(emb)
+
+    def write_rows(self, rows: np.ndarray, emb: np.ndarray, s1: np.ndarray,
+                   s2: np.ndarray) -> None:
+        """Store a working set learned elsewhere back into ``rows`` (inverse of
+        :meth:`read_rows`); the rows count as written now (they publish with the next delta)."""
+        if not len(rows):
+            return
+        self.version += 1
+        a = self._rows
+        a["emb"][rows] = emb
+        if self.config.optimizer == "ftrl":
+            a["ftrl_z"][rows] = s1
+            a["ftrl_n"][rows] = s2
+        elif self.config.optimizer == "adagrad":
+            a["acc"][rows] = s1
+        a["versions"][rows] = self.version
+
     def sweep_expired(self, now: float) -> np.ndarray:
         """Evict rows whose last-seen event time is older than ``now - ttl``; their IDs."""
         n_used = int(self._state[_N_USED])

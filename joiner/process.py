@@ -27,14 +27,13 @@ from pathlib import Path
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from pydantic import ValidationError
 
 from featurestore.events import (
-    Click,
+    AnyClick,
     EventRejected,
-    Impression,
-    LabeledEvent,
-    describe_validation_error,
+    LabeledEventMsg,
+    parse_click,
+    parse_impression,
 )
 from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import (
@@ -149,7 +148,7 @@ class JoinerProcess:
             except BufferError:
                 self._producer.poll(0.05)
 
-    def _emit(self, events: list[LabeledEvent]) -> None:
+    def _emit(self, events: list[LabeledEventMsg]) -> None:
         topic = self.settings.topic_events
         for event in events:
             self._produce(topic, event.to_json(), event.user_id.encode())
@@ -176,20 +175,17 @@ class JoinerProcess:
         source = (msg.topic(), msg.partition(), msg.offset())
         try:
             if msg.topic() == self.settings.topic_impressions:
-                imp = Impression.model_validate_json(raw)
+                imp = parse_impression(raw)
                 self.joiner.add_impression(imp)
                 self.metrics.impressions.inc()
                 self._max_imp_ts = max(self._max_imp_ts, imp.ts)
                 self._release_early(self._max_imp_ts)
                 return
-            click = Click.model_validate_json(raw)
-        except ValidationError as exc:
-            self._dead_letter(raw, msg.key(), source, describe_validation_error(exc))
+            click = parse_click(raw)
+        except EventRejected as exc:  # invalid, or valid alone but unusable as a label
+            self._dead_letter(raw, msg.key(), source, exc.reason)
             if msg.topic() == self.settings.topic_clicks:
                 self.metrics.clicks.labels("invalid").inc()
-            return
-        except EventRejected as exc:  # valid alone, but unusable as a label (e.g. too wide)
-            self._dead_letter(raw, msg.key(), source, exc.reason)
             return
         self._max_click_ts = max(self._max_click_ts, click.ts)
         if click.ts > self._max_imp_ts:
@@ -199,7 +195,7 @@ class JoinerProcess:
             return
         self._join(click, raw, msg.key(), source)
 
-    def _join(self, click: Click, raw: bytes, key: bytes | None,
+    def _join(self, click: AnyClick, raw: bytes, key: bytes | None,
               source: tuple[str, int, int]) -> None:
         result = self.joiner.join_click(click)
         self.metrics.clicks.labels(result.outcome.value).inc()
@@ -223,7 +219,7 @@ class JoinerProcess:
     def _release_early(self, upto_ts: float) -> None:
         while self._early and self._early[0][0] <= upto_ts:
             _ts, _seq, raw, key, topic, partition, offset = heapq.heappop(self._early)
-            self._join(Click.model_validate_json(raw), raw, key, (topic, partition, offset))
+            self._join(parse_click(raw), raw, key, (topic, partition, offset))
 
     def tick(self) -> None:
         """Advance the watermark, emit closed windows, refresh gauges, checkpoint when due."""

@@ -19,9 +19,11 @@ import torch
 import xxhash
 
 from bandit.context import context_for, user_slots
-from featurestore.featurize import Featurizer, SlotIds, encode_value
+from featurestore.featurize import Featurizer, SlotIds, bandit_keys
+from featurestore.pooling import pool_rows
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from service.snapshot import ServingSnapshot, SlotVectors
+from trainer.wide import wide_logits
 
 
 @dataclass(frozen=True)
@@ -45,23 +47,13 @@ def explore_bucket(user_id: str) -> float:
     return xxhash.xxh64_intdigest(user_id.encode(), seed=0x5EED) / 2.0**64
 
 
-def pool_into(out: np.ndarray, store: SlotVectors, s: SlotIds) -> None:
-    """``out[i]`` = the mean of bag i's vectors, zeros for an empty bag: ``mean_pool``'s rule.
+def pool_into(out: np.ndarray, col: int, store: SlotVectors, s: SlotIds) -> None:
+    """``out[i, col:col + dim]`` = the mean of bag i's vectors, zeros for an empty bag.
 
-    ``np.add.reduceat`` sums each bag like ``mean_pool``'s ``np.add.at`` (equal up to float32
-    rounding of the summation order) at a fraction of the cost, and single-ID bags (the item
-    ID, the release year) need no pooling at all.
+    The trainer's pooling kernel (``featurestore.pooling.pool_rows``) on the snapshot's rows:
+    unknown IDs map to the all-zero row 0, as unadmitted IDs pool as zeros in training.
     """
-    lengths = np.diff(s.offsets)
-    vectors = store.lookup(s.ids)
-    if len(vectors) == len(out) and (lengths == 1).all():
-        out[:] = vectors
-        return
-    out[:] = 0.0
-    nonempty = lengths > 0
-    if len(vectors):
-        sums = np.add.reduceat(vectors, s.offsets[:-1][nonempty], axis=0)
-        out[nonempty] = sums / lengths[nonempty][:, None]
+    pool_rows(store.matrix, store.rows(s.ids), s.offsets, out, col)
 
 
 class Scorer:
@@ -138,13 +130,12 @@ class Scorer:
                     tower[t : t + b - a] = store.vector(int(s.ids[0]))
                 else:
                     pooled = np.empty((1, b - a), dtype=np.float32)
-                    pool_into(pooled, store, s)
+                    pool_into(pooled, 0, store, s)
                     tower[t : t + b - a] = pooled[0]
                 x[:, a:b] = tower[t : t + b - a]
                 t += b - a
             else:
-                s = item_ids[slot.name]
-                pool_into(x[:, a:b], store, s)
+                pool_into(x, a, store, item_ids[slot.name])
         return x, item_ids, tower
 
     @staticmethod
@@ -156,19 +147,20 @@ class Scorer:
     def forward_torch(snapshot: ServingSnapshot, x: np.ndarray) -> np.ndarray:
         """The same through torch (the trainer's code path; kept as the benchmark baseline)."""
         with torch.inference_mode():
-            logits = snapshot.model(torch.from_numpy(x))
-            return torch.sigmoid(logits).numpy().astype(np.float64)
+            deep = snapshot.model(torch.from_numpy(x)).numpy().astype(np.float64)
+        z = deep + wide_logits(x, snapshot.model.slot_starts, snapshot.model.fm_dim)
+        return 1.0 / (1.0 + np.exp(-z))
 
     def _bandit_keys(self, items: Sequence[tuple[str, Mapping[str, Any]]],
                      item_ids: dict[str, SlotIds]) -> np.ndarray:
-        """The statistics' key of each candidate: ``encode_value(item_id)``, as the trainer uses.
+        """The statistics' key of each candidate (:func:`bandit_keys`, as the trainer uses).
 
         For a categorical item slot that is exactly the slot's (already computed) ID.
         """
         slot = self.config.item_slot
         if slot.kind is SlotKind.CATEGORICAL:
             return item_ids[slot.name].ids
-        return np.fromiter((encode_value(i) for i, _ in items), dtype=np.int64, count=len(items))
+        return bandit_keys([i for i, _ in items])
 
     def context(self, snapshot: ServingSnapshot, tower: np.ndarray
                 ) -> tuple[np.ndarray, np.ndarray] | None:

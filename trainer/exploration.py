@@ -29,8 +29,8 @@ import numpy as np
 from bandit.clusters import OnlineKMeans
 from bandit.context import context_for, user_slots, user_tower
 from bandit.diag_linucb import DiagLinUCB
-from featurestore.events import LabeledEvent
-from featurestore.featurize import encode_value, event_record
+from featurestore.events import AnyLabeledEvent
+from featurestore.featurize import bandit_keys
 from featurestore.schema import ModelConfig, SlotSide
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
@@ -72,10 +72,9 @@ class ExplorationHook:
             metrics=metrics,
         )
 
-    def user_vectors(self, learner: OnlineLearner, events: list[LabeledEvent]) -> np.ndarray:
+    def user_vectors(self, learner: OnlineLearner, events: list[AnyLabeledEvent]) -> np.ndarray:
         """The user tower of each event from the current tables (zeros where no row)."""
-        records = [event_record(e.user_id, e.item_id, e.features) for e in events]
-        batch = learner.featurizer.featurize(records, SlotSide.USER)
+        batch = learner.featurizer.featurize_events(events, SlotSide.USER)
 
         def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
             table = learner.tables[slot]
@@ -83,7 +82,7 @@ class ExplorationHook:
 
         return user_tower(self.config, batch, lookup)
 
-    def contexts(self, events: list[LabeledEvent], vectors: np.ndarray
+    def contexts(self, events: list[AnyLabeledEvent], vectors: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mask, clusters, weights)``: the context of each event (logged, else computed).
 
@@ -115,7 +114,7 @@ class ExplorationHook:
             mask[idx] = True
         return mask, clusters, weights
 
-    def on_batch(self, events: list[LabeledEvent], learner: OnlineLearner) -> None:
+    def on_batch(self, events: list[AnyLabeledEvent], learner: OnlineLearner) -> None:
         """Refine the clusters with this batch's users, then add the rewards."""
         vectors = self.user_vectors(learner, events)
         known = np.any(vectors != 0, axis=1)
@@ -138,8 +137,7 @@ class ExplorationHook:
             return
         chosen = [e for e, m in zip(events, mask, strict=True) if m]
         self.bandit.update(
-            np.fromiter((encode_value(e.item_id) for e in chosen), dtype=np.int64,
-                        count=len(chosen)),
+            bandit_keys([e.item_id for e in chosen]),
             clusters[mask], weights[mask],
             np.fromiter((e.label for e in chosen), dtype=np.float64, count=len(chosen)),
             np.fromiter((e.ts for e in chosen), dtype=np.float64, count=len(chosen)),

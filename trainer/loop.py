@@ -25,8 +25,7 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from featurestore.events import EventRejected, LabeledEvent, parse_labeled_event
-from featurestore.featurize import event_record
+from featurestore.events import AnyLabeledEvent, EventRejected, parse_labeled_event
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
 from freshrec.kafka import (
@@ -38,6 +37,7 @@ from freshrec.kafka import (
 )
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
+from joiner.join import log_odds_correction
 from trainer.checkpoint import Checkpointer, load_arrays, save_arrays
 from trainer.learner import OnlineLearner
 from trainer.model import (
@@ -56,7 +56,7 @@ MAX_DLQ_VALUE_BYTES = 256 * 1024
 class BatchHook(Protocol):
     """Something that learns from each trained batch too (exploration statistics)."""
 
-    def on_batch(self, events: list[LabeledEvent], learner: OnlineLearner) -> None: ...
+    def on_batch(self, events: list[AnyLabeledEvent], learner: OnlineLearner) -> None: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
 
@@ -196,7 +196,7 @@ class Trainer:
 
     def process(self, messages: list[Message]) -> int:
         """Parse, dead-letter, learn; returns the number of events trained."""
-        events: list[LabeledEvent] = []
+        events: list[AnyLabeledEvent] = []
         sources: list[Message] = []
         for msg in messages:
             err = msg.error()
@@ -214,7 +214,7 @@ class Trainer:
         self._dlq.poll(0)
         return trained
 
-    def _learn_or_isolate(self, events: list[LabeledEvent], sources: list[Message]) -> int:
+    def _learn_or_isolate(self, events: list[AnyLabeledEvent], sources: list[Message]) -> int:
         """Learn the batch; if that fails, learn event by event and dead-letter the culprits.
 
         A valid-looking event that still breaks training (a bug, a pathological value) must not
@@ -235,18 +235,18 @@ class Trainer:
                 self._dead_letter(msg, f"<training>: {type(exc).__name__}: {exc}"[:500])
         return trained
 
-    def learn(self, events: list[LabeledEvent]) -> None:
+    def learn(self, events: list[AnyLabeledEvent]) -> None:
         """Predict-then-learn on validated events; update hooks and metrics."""
         started = time.perf_counter()
-        records = [event_record(e.user_id, e.item_id, e.features) for e in events]
+        batch = self.learner.featurizer.featurize_events(events)
         labels = np.fromiter((e.label for e in events), dtype=np.float64, count=len(events))
         ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
         offsets = None
         if any(e.sample_rate is not None for e in events):
-            # Negatives kept at rate r shift the training odds by 1/r: learn on logit - log r
-            # so the served logit stays calibrated (Monolith's log-odds correction).
-            offsets = np.array([-math.log(e.sample_rate or 1.0) for e in events])
-        result = self.learner.step(records, labels, ts, logit_offset=offsets)
+            # Negatives kept at rate r: learn on logit - log r so the served logit stays
+            # calibrated (the joiner's log-odds correction, applied at train time).
+            offsets = np.array([-log_odds_correction(e.sample_rate or 1.0) for e in events])
+        result = self.learner.step_batch(batch, labels, ts, logit_offset=offsets)
         step_seconds = time.perf_counter() - started
         for hook in self.hooks:
             hook.on_batch(events, self.learner)

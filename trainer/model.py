@@ -1,9 +1,11 @@
-"""The dense CTR network over pooled slot embeddings, and its safe (no-pickle) serialization.
+"""The deep part of the CTR model over pooled slot embeddings, and its safe (no-pickle)
+serialization.
 
 The model sees one vector per slot (the mean of the slot's embeddings for that example, zeros for
-an empty bag or an unadmitted ID) and returns a logit. Embedding rows live in the embedding
-tables, not here, so this module is the same in the trainer and in the service, and a snapshot
-is just "dense arrays + table rows".
+an empty bag or an unadmitted ID) and returns the deep logit; the full logit adds the wide part
+(``trainer.wide``: ID biases and FM factors, learned per example). Embedding rows live in the
+embedding tables, not here, so this module is the same in the trainer and in the service, and a
+snapshot is just "dense arrays + table rows".
 
 Architectures (``[dense] arch`` in the model config):
 
@@ -31,7 +33,10 @@ def _mlp(width: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
 
 
 class CTRModel(nn.Module):
-    """Logit of p(click) from pooled per-slot embeddings ``(batch, sum of slot dims)``."""
+    """Deep logit from pooled per-slot embeddings ``(batch, sum of slot dims)``.
+
+    ``slot_starts`` and ``fm_dim`` describe the input for the wide part that is added to it.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -39,8 +44,8 @@ class CTRModel(nn.Module):
         self.slot_dims = [s.dim for s in config.slots]
         width = sum(self.slot_dims)
         self.bias = nn.Parameter(torch.zeros(1))
-        starts = np.cumsum([0, *self.slot_dims[:-1]])
-        self.register_buffer("_first", torch.as_tensor(starts, dtype=torch.long), persistent=False)
+        self.slot_starts = np.array(config.slot_starts, dtype=np.int64)
+        self.fm_dim = config.fm_dim
         if self.arch == "lr":
             self.linear = nn.Linear(width, 1)
             return
@@ -51,29 +56,28 @@ class CTRModel(nn.Module):
                                        for _ in range(config.dense.cross_layers))
             head_in += width
         else:  # deepfm: FM over slots projected to a shared width
-            self.fm_dim = min(self.slot_dims)
-            self.fm_proj = nn.ModuleList(nn.Linear(d, self.fm_dim, bias=False)
+            self.proj_dim = min(self.slot_dims)
+            self.fm_proj = nn.ModuleList(nn.Linear(d, self.proj_dim, bias=False)
                                          for d in self.slot_dims)
             self.linear = nn.Linear(width, 1)
             head_in += 1
         self.head = nn.Linear(head_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape ``(batch,)``."""
+        """Deep logits, shape ``(batch,)`` (without the wide part)."""
         if self.arch == "lr":
             return self.linear(x).squeeze(-1) + self.bias
-        wide = x.index_select(1, self._first).sum(-1)
         deep = self.mlp(x)
         if self.arch == "dcn":
             xl = x
             for layer in self.cross:
                 xl = x * layer(xl) + xl
-            return self.head(torch.cat([deep, xl], dim=-1)).squeeze(-1) + wide + self.bias
+            return self.head(torch.cat([deep, xl], dim=-1)).squeeze(-1) + self.bias
         parts = torch.split(x, self.slot_dims, dim=-1)
         v = torch.stack([p(part) for p, part in zip(self.fm_proj, parts, strict=True)], dim=1)
         fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1, keepdim=True)
         return (self.head(torch.cat([deep, fm], dim=-1)).squeeze(-1)
-                + self.linear(x).squeeze(-1) + wide + self.bias)
+                + self.linear(x).squeeze(-1) + self.bias)
 
 
 def make_dense_optimizer(model: CTRModel, config: ModelConfig) -> torch.optim.Optimizer:

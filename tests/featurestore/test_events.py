@@ -60,3 +60,42 @@ def test_unset_optionals_are_not_serialized() -> None:
         "label": 0,
         "features": {},
     }
+
+
+_EDGE_CASES = [
+    {"label": 1.0}, {"label": True}, {"label": -1}, {"ts": 0}, {"ts": -0.5}, {"ts": 4.2e9},
+    {"user_id": ""}, {"user_id": "é" * 128}, {"user_id": "é" * 129}, {"user_id": 5},
+    {"features": {"k" * 64: 1}}, {"features": {"k" * 65: 1}},
+    {"features": {f"f{i}": i for i in range(64)}}, {"features": {f"f{i}": i for i in range(65)}},
+    {"features": {"x": 5.0}}, {"features": {"x": 2**63}}, {"features": {"x": -(2**63)}},
+    {"features": {"x": 1e308}}, {"features": {"x": True}}, {"features": {"x": None}},
+    {"features": {"x": {"y": 1}}}, {"features": {"x": ["a"] * 64}}, {"features": {"x": [1]}},
+    {"features": {"x": "v" * 129}}, {"request_id": None}, {"request_id": ""},
+    {"context": {"clusters": [0, 2**31 - 1], "weights": [0.5, 0.5]}},
+    {"context": {"clusters": [2**31], "weights": [1.0]}}, {"context": {"clusters": [1]}},
+    {"p_true": 1.5}, {"sample_rate": 0}, {"sample_rate": 1}, {"sample_rate": 0.25},
+]
+
+
+@pytest.mark.parametrize("change", _EDGE_CASES)
+def test_the_fast_path_accepts_exactly_what_the_http_schema_accepts(change: dict) -> None:
+    raw = orjson.dumps({**GOOD, **change}, option=orjson.OPT_NON_STR_KEYS)
+    try:
+        want = LabeledEvent.model_validate_json(raw)
+    except ValueError:
+        want = None
+    try:
+        got = parse_labeled_event(raw)
+    except EventRejected:
+        assert want is None
+        return
+    assert want is not None
+    assert orjson.loads(got.to_json()) == orjson.loads(want.to_json()) or (
+        change == {"features": {"x": 5.0}})  # 5.0: an int to pydantic, a float to msgspec
+
+
+def test_huge_numbers_parse_to_the_same_reason_on_both_paths() -> None:
+    raw = orjson.dumps(GOOD)[:-1] + b', "p_true": 1e999}'
+    with pytest.raises(EventRejected) as exc:
+        parse_labeled_event(raw)
+    assert exc.value.reason.startswith("p_true")

@@ -8,6 +8,8 @@ from featurestore.featurize import Featurizer, encode_value, event_record
 from featurestore.schema import SlotSide, load_model_config
 from freshrec.settings import default_model_config_path
 
+CONFIG = load_model_config(default_model_config_path())
+
 
 def _featurizer() -> Featurizer:
     return Featurizer(load_model_config(default_model_config_path()))
@@ -44,3 +46,26 @@ def test_side_selects_only_that_sides_slots() -> None:
     batch = f.featurize([event_record("u1", "m1", {})], side=SlotSide.ITEM)
     assert set(batch.slots) == {s.name for s in f.config.slots if s.side is SlotSide.ITEM}
     assert batch.slots["item"].ids.dtype == np.int64
+
+
+def test_memoized_encoding_and_the_event_path_match_the_plain_encoding() -> None:
+    from types import SimpleNamespace
+
+    records = [event_record(f"u{i % 7}", f"m{i % 5}", {"genres": ["a", "b"][: i % 3],
+                                                       "age": 20 + i, "gender": "MF"[i % 2]})
+               for i in range(50)]
+    records += [{"user_id": 7, "item_id": 7.0, "genres": "a|b", "age": "x", "gender": True},
+                {"user_id": "u1", "item_id": ["odd"], "age": None}]
+    events = [SimpleNamespace(user_id=r["user_id"], item_id=r["item_id"],
+                              features={k: v for k, v in r.items()
+                                        if k not in ("user_id", "item_id")})
+              for r in records]
+    want = Featurizer(CONFIG, max_entries=1).featurize(records)
+    small = Featurizer(CONFIG, max_entries=3)
+    for got in (small.featurize(records), small.featurize(records),
+                small.featurize_events(events), Featurizer(CONFIG).featurize_events(events)):
+        for name, slot in want.slots.items():
+            np.testing.assert_array_equal(got.slots[name].ids, slot.ids)
+            np.testing.assert_array_equal(got.slots[name].offsets, slot.offsets)
+    direct = [encode_value(r["user_id"]) for r in records]
+    np.testing.assert_array_equal(want.slots["user"].ids, direct)

@@ -56,7 +56,7 @@ def test_cli_prints_one_line_for_a_bad_model_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "model.toml"
-    bad.write_text(default_model_config_path().read_text().replace("dim = 16", "dim = 0", 1))
+    bad.write_text(default_model_config_path().read_text().replace("\ndim = 8", "\ndim = 0", 1))
     monkeypatch.setenv("FRESHREC_MODEL_CONFIG_PATH", str(bad))
     with pytest.raises(SystemExit) as exc:
         main(["replay", "synthetic", "--events", "1"])

@@ -82,16 +82,18 @@ def test_an_event_that_breaks_training_is_dead_lettered_not_fatal(
     events[150] = dict(events[150], item_id="poison")
     produce_events(settings.kafka_bootstrap, settings.topic_events, events)
 
+    from featurestore.featurize import encode_value
     from trainer.learner import OnlineLearner
 
-    real_step = OnlineLearner.step
+    real_step = OnlineLearner.step_batch
+    poison = encode_value("poison")
 
-    def step(self, records, *args, **kwargs):
-        if any(r["item_id"] == "poison" for r in records):
+    def step(self, batch, *args, **kwargs):
+        if poison in batch.slots["item"].ids:
             raise FloatingPointError("non-finite gradient")
-        return real_step(self, records, *args, **kwargs)
+        return real_step(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(OnlineLearner, "step", step)
+    monkeypatch.setattr(OnlineLearner, "step_batch", step)
     trainer, metrics = run_trainer(settings, 300)
     assert trainer.trained == 299
     assert sample(metrics, "freshrec_trainer_events_total", outcome="trained") == 299

@@ -1,4 +1,5 @@
-"""The service's numpy forward pass equals the trainer's torch ``CTRModel`` for every arch."""
+"""The service's numpy forward pass equals the trainer's torch ``CTRModel`` (+ the wide part)
+for every arch."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from featurestore.schema import DenseConfig, load_model_config
 from freshrec.settings import default_model_config_path
 from service.dense import NumpyCTR
 from trainer.model import CTRModel
+from trainer.wide import wide_logits
 
 
 @pytest.mark.parametrize("arch", ["dcn", "deepfm", "lr"])
@@ -25,9 +27,11 @@ def test_numpy_forward_equals_torch(arch: str, hidden: tuple[int, ...]) -> None:
     x = np.random.default_rng(1).normal(size=(100, sum(model.slot_dims))).astype(np.float32)
     x[7] = 0.0  # an all-unknown candidate
     with torch.inference_mode():
-        logits = model(torch.from_numpy(x)).numpy()
-        want = torch.sigmoid(torch.from_numpy(logits)).numpy().astype(np.float64)
+        deep = model(torch.from_numpy(x)).numpy()
+    logits = deep + wide_logits(x, model.slot_starts, model.fm_dim)
+    want = 1.0 / (1.0 + np.exp(-logits))
     dense = NumpyCTR(model)
+    np.testing.assert_allclose(dense.deep_logits(x), deep, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dense.logits(x), logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dense.predict(x), want, rtol=1e-5, atol=1e-6)
     assert dense.predict(x[:1]).shape == (1,)

@@ -19,7 +19,6 @@ import numpy as np
 import orjson
 import pytest
 import redis
-import torch
 import uvicorn
 
 from bandit.clusters import OnlineKMeans
@@ -27,14 +26,13 @@ from bandit.context import context_for, user_tower
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import Impression
 from featurestore.featurize import Featurizer, encode_value, event_record
-from featurestore.pooling import mean_pool
 from featurestore.schema import ModelConfig, SlotSide, load_model_config
 from featurestore.snapshot_store import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.settings import Settings
 from service.app import create_app
 from tests.integration.kafka_helpers import read_topic
-from trainer.model import CTRModel
+from trainer.learner import OnlineLearner
 from trainer.publisher import PublishableState, Publisher
 
 pytestmark = pytest.mark.integration
@@ -63,24 +61,21 @@ class World:
 
     def reference(self, user: int, items: list[int], explore: bool = True
                   ) -> tuple[np.ndarray, np.ndarray]:
-        """(pctr, bonus) exactly as the trainer would compute them from its own tables."""
+        """(pctr, bonus) exactly as the trainer computes them from its own tables: the
+        learner's own pooling, wide kernel and torch model (the service has its own gather,
+        the shared pooling kernel and a numpy forward)."""
         recs = [event_record(USERS[user], ITEMS[j], {**user_features(user), **item_features(j)})
                 for j in items]
-        batch = Featurizer(self.config).featurize(recs)
-        parts = []
-        for s in self.config.slots:
-            table = self.state.tables[s.name]
-            ids = batch.slots[s.name]
-            parts.append(mean_pool(table.gather(table.find(ids.ids)), ids.offsets))
-        with torch.no_grad():
-            pctr = torch.sigmoid(self.state.model(torch.from_numpy(np.concatenate(parts, 1))))
+        learner = OnlineLearner(self.config, threads=None)
+        learner.tables, learner.model = self.state.tables, self.state.model
+        pctr = learner.predict(recs)
         uvec = _towers(self.config, self.state.tables, [user])
         cl, w = context_for(uvec, self.clusters.centroids, self.settings.bandit_top_k,
                             counts=self.clusters.counts)
         _, bonus = self.state.bandit.score(
             np.array([encode_value(ITEMS[j]) for j in items]), cl[0], w[0],
             now=self.state.bandit.clock)
-        return pctr.numpy().astype(np.float64), bonus
+        return pctr, bonus
 
 
 def _towers(config: ModelConfig, tables: TableSet, users: list[int]) -> np.ndarray:
@@ -92,15 +87,14 @@ def _towers(config: ModelConfig, tables: TableSet, users: list[int]) -> np.ndarr
 
 def build_world(settings: Settings, seed: int = 0) -> World:
     config = load_model_config(settings.model_config_path)
-    torch.manual_seed(seed)
-    tables = TableSet.from_model_config(config, seed=seed)
-    feats = Featurizer(config)
+    # A trained learner (not fresh tables): biases, factors and dense weights all matter.
+    learner = OnlineLearner(config, seed=seed, threads=None)
     recs = [event_record(USERS[i], ITEMS[j], {**user_features(i), **item_features(j)})
             for i in range(len(USERS)) for j in range(0, len(ITEMS) - 10)]  # last 10 unknown
-    batch = feats.featurize(recs)
-    for name, table in tables.items():
-        table.lookup(batch.slots[name].ids, 1.0)
-        table.lookup(batch.slots[name].ids, 1.0)  # zip has min_count 2
+    labels = (np.random.default_rng(seed).random(len(recs)) < 0.3).astype(np.float64)
+    for _ in range(2):  # zip has min_count 2
+        learner.step(recs, labels, np.ones(len(recs)))
+    tables = learner.tables
     uvecs = _towers(config, tables, list(range(len(USERS))))
     clusters = OnlineKMeans(8, uvecs.shape[1], seed=seed)
     clusters.partial_fit(uvecs)
@@ -112,7 +106,7 @@ def build_world(settings: Settings, seed: int = 0) -> World:
         it = rng.integers(len(ITEMS) - 20, size=200)
         bandit.update(np.array([encode_value(ITEMS[j]) for j in it]), cl[u], w[u],
                       rng.random(200) < 0.3, 10.0)
-    state = PublishableState(config, tables, CTRModel(config), bandit,
+    state = PublishableState(config, tables, learner.model, bandit,
                              lambda: (clusters.centroids, clusters.counts))
     store = SnapshotStore(redis.Redis.from_url(settings.redis_url), settings.model_name)
     publisher = Publisher(store, state, settings)
