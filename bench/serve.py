@@ -48,7 +48,7 @@ from bandit.diag_linucb import DiagLinUCB
 from bench import require_shipped_extras
 from featurestore.featurize import Featurizer, encode_value
 from featurestore.schema import load_model_config
-from featurestore.snapshot_store import SnapshotStore
+from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.devstack import LocalStack, free_port
 from freshrec.metrics import scrape

@@ -22,12 +22,12 @@ import torch
 
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.schema import ModelConfig
-from featurestore.snapshot_store import (
-    AsyncSnapshotReader,
+from featurestore.snapshot_codec import SnapshotFormatError
+from featurestore.snapshot_reader import AsyncSnapshotReader
+from featurestore.snapshot_types import (
     BanditRows,
     DeltaRows,
     FullSnapshot,
-    SnapshotFormatError,
     SnapshotMeta,
     Update,
 )

@@ -32,7 +32,8 @@ import redis
 
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.schema import ModelConfig
-from featurestore.snapshot_store import BanditHeader, BanditRows, SnapshotData, SnapshotStore
+from featurestore.snapshot_types import BanditHeader, BanditRows, SnapshotData
+from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
