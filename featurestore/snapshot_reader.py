@@ -88,7 +88,7 @@ class _DeltaPlan:
         dtype = np.dtype(self.meta.row_dtype).newbyteorder("<")
         emb_k: dict[str, list[bytes]] = {}
         emb_v: dict[str, list[bytes]] = {}
-        gone: dict[str, list[np.ndarray]] = {}
+        gone: dict[str, list[np.ndarray]] = {s: [ids] for s, ids in self.update.deleted.items()}
         bk: list[bytes] = []
         bv: list[bytes] = []
         for slot, ids in self.groups:
@@ -121,8 +121,8 @@ class _DeltaPlan:
         if self.want_centroids:
             fields = next(it)
             centroids = decode_arrays(fields) if fields else None
-        return DeltaRows(emb, {k: np.concatenate(v) for k, v in gone.items()}, bandit, dense,
-                         centroids)
+        deleted = {k: np.concatenate(v) for k, v in gone.items()}
+        return DeltaRows(emb, deleted, bandit, dense, centroids)
 
 
 def _delta_read_commands(keys: Keys, meta: SnapshotMeta, update: Update, current_dense: int,

@@ -182,10 +182,16 @@ class FullSnapshot:
 
 @dataclass(frozen=True)
 class DeltaRows:
-    """The rows an :class:`Update` announced, fetched after reading the entry."""
+    """What applying an :class:`Update` means, fetched after reading the entry.
+
+    ``deleted`` is complete: the IDs the update deleted (from the stream entry or, for a big
+    delta, from its changelog key) plus the announced rows already absent (deleted by a later
+    version). Appliers read deletions from here only: the stream entry of a big delta carries
+    no ID lists at all.
+    """
 
     emb: dict[str, tuple[np.ndarray, np.ndarray]]  # rows still present
-    gone: dict[str, np.ndarray]  # announced but already absent: deleted by a later version
+    deleted: dict[str, np.ndarray]
     bandit: BanditRows | None
     dense: dict[str, np.ndarray] | None
     centroids: dict[str, np.ndarray] | None

@@ -86,6 +86,13 @@ class SlotVectors:
                 self.matrix[r] = 0.0
                 self._free.append(r)
 
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (ID, vector) held, sorted by ID (what this replica serves, for comparisons)."""
+        ids = np.fromiter(self.index.keys(), dtype=np.int64, count=len(self.index))
+        rows = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        order = np.argsort(ids)
+        return ids[order], self.matrix[rows[order]]
+
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Row of each ID, 0 (the zero row) where unknown."""
         keys = ids.tolist() if isinstance(ids, np.ndarray) else ids
@@ -192,10 +199,9 @@ class ServingSnapshot:
         for slot, (ids, vectors) in rows.emb.items():
             if slot in self.slots:
                 self.slots[slot].upsert(ids, vectors)
-        for source in (update.deleted, rows.gone):
-            for slot, ids in source.items():
-                if slot in self.slots:
-                    self.slots[slot].delete(ids)
+        for slot, ids in rows.deleted.items():
+            if slot in self.slots:
+                self.slots[slot].delete(ids)
         if rows.bandit is not None and update.bandit_header is not None:
             h = update.bandit_header
             if self.bandit is None:

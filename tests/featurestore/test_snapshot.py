@@ -135,14 +135,18 @@ def test_big_deltas_move_their_id_lists_to_a_changelog(store: SnapshotStore) -> 
     gen = write_full(store, full_data())
     n = writer.INLINE_ID_LIMIT + 10
     ids = np.arange(1, n + 1, dtype=np.int64)
-    store.write_delta(SnapshotData(emb={"item": (ids, np.ones((n, 4), np.float32))}),
+    gone = full_data().emb["item"][0][:7]
+    store.write_delta(SnapshotData(emb={"item": (ids, np.ones((n, 4), np.float32))},
+                                   deleted={"item": gone}),
                       generation=gen, version=2, prev_version=1, dense_version=1,
                       centroids_version=1, prev_dense_version=1)
     u = store.read_updates(b"0-0")[-1]
-    assert u.changelog is not None and not u.emb
+    assert u.changelog is not None and not u.emb and not u.deleted
     assert 0 < store.r.ttl(u.changelog) <= writer.CHANGELOG_TTL_S
     rows = store.fetch_delta(u, store.read_meta(), 1, 1)
     np.testing.assert_array_equal(np.sort(rows.emb["item"][0]), ids)
+    # The deletions come back from the changelog too (the entry itself names none).
+    np.testing.assert_array_equal(np.sort(rows.deleted["item"]), np.sort(gone))
 
 
 def test_a_new_full_snapshot_expires_the_previous_generation(store: SnapshotStore) -> None:
