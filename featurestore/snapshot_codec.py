@@ -97,23 +97,43 @@ def decode_arrays(fields: Mapping[bytes, bytes]) -> dict[str, np.ndarray]:
     return out
 
 
-def decode_rows(keys: list[bytes], values: list[bytes], width: int, dtype: np.dtype
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Hash fields/values -> (ids int64, rows ``(n, width)`` of ``dtype``), lengths checked."""
-    n = len(keys)
-    if n == 0:
-        return np.empty(0, dtype=np.int64), np.empty((0, width), dtype=dtype)
-    kb, vb = b"".join(keys), b"".join(values)
-    row_bytes = width * dtype.itemsize
-    if len(kb) != 8 * n or len(vb) != row_bytes * n:
-        raise SnapshotFormatError(f"rows of the wrong size (expected 8-byte IDs and "
-                                  f"{row_bytes}-byte rows)")
-    ids = np.frombuffer(kb, dtype=ID_DTYPE).astype(np.int64)
-    rows = np.frombuffer(vb, dtype=dtype).reshape(n, width)
-    return ids, rows
+def _record_dtype(width: int, dtype: np.dtype) -> np.dtype:
+    return np.dtype([("id", ID_DTYPE), ("row", dtype.newbyteorder("<"), (width,))])
+
+
+def decode_records(blobs: list[bytes], width: int, dtype: np.dtype
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenated ``8-byte ID | row`` records -> (sorted unique int64 IDs, rows ``(n, width)``).
+
+    Lengths are checked; an ID seen twice (HSCAN may return a field twice while Redis
+    rehashes) keeps one copy — the copies are equal.
+    """
+    rec = _record_dtype(width, dtype)
+    parts = []
+    for b in blobs:
+        if len(b) % rec.itemsize:
+            raise SnapshotFormatError(f"{len(b)} bytes are not whole {rec.itemsize}-byte rows")
+        parts.append(np.frombuffer(b, dtype=rec))
+    records = np.concatenate(parts) if parts else np.empty(0, dtype=rec)
+    ids, first = np.unique(records["id"], return_index=True)
+    return ids.astype(np.int64), records["row"][first]
+
+
+def decode_found_rows(ids: np.ndarray, found_flags: bytes, values: bytes, width: int,
+                      dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows asked for by ID -> (present IDs, their rows, absent IDs), lengths checked.
+
+    ``found_flags`` holds one ASCII ``1``/``0`` per ID; ``values`` the present rows in order.
+    """
+    found = np.frombuffer(found_flags, dtype=np.uint8) == ord("1")
+    if len(found) != len(ids) or len(values) != width * dtype.itemsize * int(found.sum()):
+        raise SnapshotFormatError("rows of the wrong size")
+    rows = np.frombuffer(values, dtype=dtype.newbyteorder("<")).reshape(-1, width)
+    return ids[found], rows, ids[~found]
 
 
 __all__ = [
     "CHUNK_BYTES", "F64", "ID_DTYPE", "ROW_DTYPES", "SnapshotFormatError", "decode_arrays",
-    "decode_rows", "encode_arrays", "id_fields", "pack_ids", "split_fixed", "unpack_ids",
+    "decode_found_rows", "decode_records", "encode_arrays", "id_fields", "pack_ids",
+    "split_fixed", "unpack_ids",
 ]  # fmt: skip

@@ -18,7 +18,6 @@ from featurestore.snapshot_codec import (
     F64,
     ROW_DTYPES,
     SnapshotFormatError,
-    decode_rows,
     unpack_ids,
 )
 
@@ -203,15 +202,15 @@ def bandit_row_bytes(rows: BanditRows) -> np.ndarray:
     return np.concatenate([rows.t[:, None], rows.d, rows.b], axis=1).astype(F64)
 
 
-def decode_bandit(keys: list[bytes], values: list[bytes], n_clusters: int) -> BanditRows:
-    """Bandit hash fields/values -> :class:`BanditRows`, lengths checked."""
-    ids, packed = decode_rows(keys, values, 1 + 2 * n_clusters, F64)
+def bandit_rows(ids: np.ndarray, packed: np.ndarray, n_clusters: int) -> BanditRows:
+    """Rows in the bandit hash's value layout (see :func:`bandit_row_bytes`) -> BanditRows."""
     c = n_clusters
-    return BanditRows(ids, packed[:, 0].astype(np.float64), packed[:, 1 : 1 + c].astype(
-        np.float64), packed[:, 1 + c :].astype(np.float64))
+    packed = np.asarray(packed, dtype=np.float64)
+    return BanditRows(ids, packed[:, 0].copy(), packed[:, 1 : 1 + c].copy(),
+                      packed[:, 1 + c :].copy())
 
 
 __all__ = [
     "BanditHeader", "BanditRows", "DeltaRows", "FullSnapshot", "SnapshotData", "SnapshotMeta",
-    "Update", "bandit_row_bytes", "decode_bandit",
+    "Update", "bandit_row_bytes", "bandit_rows",
 ]  # fmt: skip

@@ -21,7 +21,8 @@ import xxhash
 from bandit.context import context_for, user_slots
 from featurestore.featurize import Featurizer, SlotIds, encode_value
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
-from service.snapshot import ServingSnapshot, SlotVectors
+from service.snapshot import ServingSnapshot
+from service.vectors import SlotVectors
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,9 @@ def test_untrusted_blobs_are_validated_not_executed() -> None:
     with pytest.raises(SnapshotFormatError):
         codec.unpack_ids(b"1234567")
     with pytest.raises(SnapshotFormatError):
-        codec.decode_rows([b"12345678"], [b"x" * 15], 4, np.dtype("<f4"))
+        codec.decode_records([b"12345678" + b"x" * 15], 4, np.dtype("<f4"))
+    with pytest.raises(SnapshotFormatError):
+        codec.decode_found_rows(np.array([1, 2]), b"11", b"x" * 31, 4, np.dtype("<f4"))
 
 
 def test_full_snapshot_round_trips(store: SnapshotStore) -> None:
@@ -165,3 +167,17 @@ def test_missing_or_incomplete_meta_reads_as_no_snapshot(store: SnapshotStore) -
     write_full(store, full_data())
     store.r.hdel(store.keys.meta, "schema_hash")
     assert store.read_meta() is None
+
+
+def test_rows_of_the_wrong_size_in_redis_are_refused(store: SnapshotStore) -> None:
+    gen = write_full(store, full_data())
+    store.write_delta(SnapshotData(emb={"item": (np.array([11]), np.ones((1, 4), np.float32))}),
+                      generation=gen, version=2, prev_version=1, dense_version=1,
+                      centroids_version=1, prev_dense_version=1)
+    update = store.read_updates(b"0-0")[-1]
+    key = store.keys.emb(gen, "item", int(shard_of(np.array([11]), store.emb_shards)[0]))
+    store.r.hset(key, codec.pack_ids(np.array([11])), b"not a row")
+    with pytest.raises(SnapshotFormatError):
+        store.fetch_delta(update, store.read_meta(), 1, 1)
+    with pytest.raises(SnapshotFormatError):
+        store.read_full()
