@@ -205,6 +205,29 @@ class SnapshotStore(SnapshotReader):
         tx.xadd(self.keys.updates, entry, maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()
 
+    def announce_reload(self, now: float | None = None) -> int:
+        """Make every replica reload the current snapshot in full; the new version.
+
+        Bumps the version and announces it as a full snapshot of the same generation, which
+        writes no rows. For operators (a replica suspected of diverging) and the reload
+        benchmark. Refused when there is no snapshot.
+        """
+        meta = self.read_meta()
+        if meta is None:
+            raise ValueError("no snapshot to reload")
+        now = time.time() if now is None else now
+        version = meta.version + 1
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.keys.meta, mapping={"version": version, "updated": now})
+        entry: dict[Any, Any] = {"kind": "full", "v": version, "pv": meta.version,
+                                 "g": meta.generation, "ts": now, "dv": meta.dense_version,
+                                 "cv": meta.centroids_version}
+        if meta.bandit is not None:
+            entry["bh"] = meta.bandit.to_json()
+        tx.xadd(self.keys.updates, entry, maxlen=STREAM_MAXLEN, approximate=True)
+        tx.execute()
+        return version
+
     def _queue_blob(self, pipe: Any, key: str, arrays: Mapping[str, np.ndarray]) -> None:
         pipe.delete(key)
         pipe.hset(key, mapping=encode_arrays(arrays))
