@@ -11,12 +11,17 @@ replica reloads the full snapshot again and again (``SnapshotStore.announce_relo
 reload of the current generation, the path a replica takes when Redis lost its data or the
 update chain broke; it writes no rows, so the publisher's cost is not in the number).
 
+Before the service starts, the same reload runs in process beside a 1 ms ticker task: the
+ticker's lateness (``reload.in_process.loop_lag_*``) is how long the reload stalls the event
+loop, the cause of any latency it adds, measured without HTTP or other processes.
+
 Merges its keys into ``bench/results/serve.json`` (read-modify-write: the rate sweep's keys stay).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -72,6 +77,50 @@ def reload_loop(store: SnapshotStore, url: str, stop: threading.Event, log: list
         log.append({"version": version, "served_after_s": round(time.perf_counter() - t0, 2)})
 
 
+def loop_lag_during_reloads(settings, reloads: int = 2) -> dict:
+    """In process: how long a replica's event loop stalls while it reloads the snapshot.
+
+    A 1 ms ticker task runs beside :meth:`SnapshotFollower.load_full`; its lateness is what
+    any request on that loop would wait. No HTTP, no other process: the reload's own cost.
+    """
+    import redis.asyncio as aredis
+
+    from featurestore.schema import load_model_config
+    from featurestore.snapshot_reader import AsyncSnapshotReader
+    from freshrec.metrics import ServiceMetrics
+    from service.snapshot import SnapshotFollower
+
+    async def run() -> dict:
+        client = aredis.Redis.from_url(settings.redis_url, socket_timeout=60)
+        follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
+                                    load_model_config(settings.model_config_path),
+                                    ServiceMetrics())
+        lags: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lags.append(time.perf_counter() - t - 0.001)
+
+        task = asyncio.create_task(ticker())
+        seconds = []
+        for _ in range(reloads):
+            t = time.perf_counter()
+            await follower.load_full()
+            seconds.append(round(time.perf_counter() - t, 2))
+        done.set()
+        await task
+        await client.aclose()
+        ms = np.array(lags) * 1e3
+        return {"reload_seconds": seconds, "loop_lag_max_ms": round(float(ms.max()), 1),
+                "loop_lag_p99_ms": round(float(np.percentile(ms, 99)), 1),
+                "loop_lag_p999_ms": round(float(np.percentile(ms, 99.9)), 1)}
+
+    return asyncio.run(run())
+
+
 def reload_phase(seconds: float = 30.0, workers: int = 2) -> dict:
     """Run the phase end to end on its own stack; returns the keys it merges into serve.json."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-reload-"))
@@ -87,6 +136,9 @@ def reload_phase(seconds: float = 30.0, workers: int = 2) -> dict:
         t0 = time.perf_counter()
         Publisher(store, state, settings).publish_full()
         print(f"published {rows} rows in {time.perf_counter() - t0:.1f} s")
+        in_process = loop_lag_during_reloads(settings)
+        print(f"in process: reload {in_process['reload_seconds']} s, event-loop lag max "
+              f"{in_process['loop_lag_max_ms']} ms, p99 {in_process['loop_lag_p99_ms']} ms")
         service = start_service(stack, port, workers)
         url = f"http://127.0.0.1:{port}"
         wait_ready(stack, url, workers, timeout=300)
@@ -112,7 +164,7 @@ def reload_phase(seconds: float = 30.0, workers: int = 2) -> dict:
             "reload": {
                 "rate_rps": RATE, "seconds": seconds, "workers": workers,
                 "snapshot_rows": rows, "reloads_completed": len(log), "reload_log": log,
-                "during_reloads": busy, "quiet": quiet,
+                "during_reloads": busy, "quiet": quiet, "in_process": in_process,
                 "p99_ratio_to_quiet": round(busy["p99_ms"] / max(quiet["p99_ms"], 1e-9), 2),
                 "target_p99_ms": TARGET_MS, "held": bool(busy["p99_ms"] <= TARGET_MS
                                                           and busy["errors"] == 0),
