@@ -29,7 +29,7 @@ def served_matches_trainer(client: httpx.Client, world: World) -> None:
     """Wait for the replica to reach the publisher's version, then compare every row."""
     version = world.publisher.confirmed_version
     poll(lambda: client.get("/v1/model").json()["version"] == version, f"version {version}")
-    snap = client.app.state.follower.snapshot  # type: ignore[attr-defined]
+    snap = client.app.state.service.follower.snapshot  # type: ignore[attr-defined]
     assert snap.version == version
     for slot, table in world.state.tables.items():
         want_ids, want_vecs = table.all_rows()
