@@ -464,7 +464,7 @@ def main() -> int:
     import redis
 
     from bench.serve import MODEL, build_state
-    from featurestore.snapshot_store import SnapshotStore
+    from featurestore.snapshot_writer import SnapshotStore
     from freshrec.devstack import LocalStack, free_port, wait_http_ok
     from freshrec.settings import Settings
     from trainer.publisher import Publisher

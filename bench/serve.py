@@ -48,7 +48,7 @@ from bandit.diag_linucb import DiagLinUCB
 from bench import require_shipped_extras
 from featurestore.featurize import Featurizer, encode_value
 from featurestore.schema import load_model_config
-from featurestore.snapshot_store import SnapshotStore
+from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.devstack import LocalStack, free_port
 from freshrec.metrics import scrape
@@ -175,6 +175,18 @@ def process_tree_cpu_s(pid: int) -> float:
     return total
 
 
+def start_stack(tmp: Path) -> tuple[LocalStack, Settings]:
+    """A broker + Redis of the benchmark's own, and settings for a service on a free port."""
+    stack = LocalStack(topics=("bench.events", "bench.impressions"), partitions=2,
+                       log_dir=tmp / "logs")
+    stack.start()
+    settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                        model_name=MODEL, topic_events="bench.events",
+                        topic_impressions="bench.impressions", service_port=free_port(),
+                        model_config_path=default_model_config_path())
+    return stack, settings
+
+
 def run_wrk(url: str, rate: int, seconds: float, body_file: Path, lua: Path,
             service_pid: int | None = None) -> dict:
     # Long gaps per connection (~100 ms) keep the offered rate close to open-loop: a response
@@ -270,6 +282,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="service worker processes")
     ap.add_argument("--rates", type=str, default=None, help="comma-separated req/s levels")
     ap.add_argument("--name", default="serve", help="results file name (bench/results/NAME.json)")
+    ap.add_argument("--reload", action="store_true", help="then the reload phase (serve_reload)")
     args = ap.parse_args()
     require_shipped_extras()
     if shutil.which("wrk") is None:
@@ -282,15 +295,9 @@ def main() -> int:
     slo_ms = Settings().service_slo_seconds * 1e3
     loadavg_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    stack = LocalStack(topics=("bench.events", "bench.impressions"), partitions=2,
-                       log_dir=tmp / "logs")
-    stack.start()
+    stack, settings = start_stack(tmp)
     try:
-        port = free_port()
-        settings = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
-                            model_name=MODEL, topic_events="bench.events",
-                            topic_impressions="bench.impressions", service_port=port,
-                            model_config_path=default_model_config_path())
+        port = settings.service_port
         # This process measures one worker's in-process cost: it gets one worker's share.
         apply_thread_budget(max(1, cpu_budget(settings.cpu_threads) // args.workers))
         store = SnapshotStore(redis.Redis.from_url(stack.redis_url), MODEL)
@@ -339,14 +346,23 @@ def main() -> int:
             "note": "the VM is shared with other benchmarks/tests; loadavg shows contention",
         }
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+        path = RESULTS / f"{args.name}.json"
+        if path.exists():  # keep the reload phase's keys (bench/serve_reload.py)
+            old = json.loads(path.read_text())
+            result |= {k: v for k, v in old.items() if k.startswith("reload")}
+        path.write_text(json.dumps(result, indent=1))
         plot(levels, slo_ms, RESULTS / f"{args.name}.png", args.workers)
         print(f"highest level held: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
               f"p99 {result['p99_ms']:.2f} ms (bare forward {costs['model_forward_ms']:.3f} ms)")
-        return 0
     finally:
         stack.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+    if args.reload:
+        from bench.results_file import merge_into
+        from bench.serve_reload import reload_phase
+
+        merge_into(RESULTS / f"{args.name}.json", reload_phase(workers=args.workers))
+    return 0
 
 
 def plot(levels: list[dict], slo_ms: float, path: Path, workers: int) -> None:

@@ -42,7 +42,7 @@ from bench.serve import (
     start_service,
     wait_ready,
 )
-from featurestore.snapshot_store import SnapshotStore
+from featurestore.snapshot_writer import SnapshotStore
 from freshrec.devstack import LocalStack, free_port
 from freshrec.settings import Settings, default_model_config_path
 from trainer.publisher import Publisher

@@ -394,6 +394,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="< 2 minutes: smaller runs")
     parser.add_argument("--no-kafka", action="store_true", help="skip the broker measurements")
+    parser.add_argument("--redis-outage", action="store_true",
+                        help="then the Redis-outage phase (bench/redis_outage.py)")
     args = parser.parse_args()
     require_shipped_extras()
     apply_thread_budget(cpu_budget())  # as `freshrec trainer` sizes its pools
@@ -559,9 +561,17 @@ def main() -> None:
     out["notes"] = notes(out)
     out["seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if (RESULTS / "trainer.json").exists():  # keep bench/redis_outage.py's keys
+        old = json.loads((RESULTS / "trainer.json").read_text())
+        out |= {k: v for k, v in old.items() if k.startswith("redis_outage")}
     (RESULTS / "trainer.json").write_text(json.dumps(out, indent=1) + "\n")
     plot(curves, RESULTS / "trainer_auc.png")
     print_table(out)
+    if args.redis_outage:
+        from bench.redis_outage import outage_phase
+        from bench.results_file import merge_into
+
+        merge_into(RESULTS / "trainer.json", outage_phase())
 
 
 def targets(out: dict[str, Any]) -> dict[str, bool]:

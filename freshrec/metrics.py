@@ -75,6 +75,24 @@ class TrainerMetrics:
                                       registry=r)
         self.last_publish = Gauge(p + "last_publish_timestamp_seconds",
                                   "Wall time of the last publish.", registry=r)
+        self.publish_queue_depth = Gauge(p + "publish_queue_depth",
+                                         "Gathered changes waiting for the publisher thread.",
+                                         registry=r)
+        self.publish_failures = Counter(p + "publish_failures_total",
+                                        "Publishes Redis did not confirm (retried merged).",
+                                        registry=r)
+        self.publish_merged = Counter(p + "publish_merged_deltas_total",
+                                      "Deltas merged into one still waiting for Redis.",
+                                      registry=r)
+        self.publish_pending_rows = Gauge(p + "publish_pending_rows",
+                                          "Rows of the merged delta waiting for Redis.",
+                                          registry=r)
+        self.publish_overflows = Counter(p + "publish_overflows_total",
+                                         "Merged deltas dropped for a full snapshot (too big).",
+                                         registry=r)
+        self.publish_skipped = Counter(p + "publish_skipped_total",
+                                       "Publish cycles skipped because the queue was full.",
+                                       registry=r)
         self.last_checkpoint = Gauge(p + "last_checkpoint_timestamp_seconds",
                                      "Wall time of the last durable checkpoint.", registry=r)
         self.checkpoint_seconds = Histogram(p + "checkpoint_seconds", "Wall time of a checkpoint.",

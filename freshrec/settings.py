@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     trainer_checkpoint_interval_s: PositiveFloat = 30.0
     trainer_publish_interval_ms: PositiveInt = 200
     trainer_dense_publish_interval_s: PositiveFloat = 3.0
+    # Publishing runs on its own thread: gathered changes wait in a queue of this many; while
+    # Redis is away they merge into one delta of at most this many rows, past which the
+    # publisher drops it and writes a full snapshot once Redis is back (docs/trainer.md).
+    trainer_publish_queue_size: PositiveInt = 8
+    trainer_publish_max_pending_rows: PositiveInt = 2_000_000
     trainer_sweep_interval_s: PositiveFloat = 5.0
     trainer_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
     trainer_progressive_window: PositiveInt = 10_000

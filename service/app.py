@@ -19,7 +19,7 @@ from confluent_kafka import Producer
 from fastapi import FastAPI
 
 from featurestore.schema import ModelConfig, load_model_config
-from featurestore.snapshot_store import AsyncSnapshotReader
+from featurestore.snapshot_reader import AsyncSnapshotReader
 from freshrec.kafka import producer_config
 from freshrec.metrics import ServiceMetrics
 from freshrec.settings import Settings

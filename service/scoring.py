@@ -22,7 +22,8 @@ from bandit.context import context_for, user_slots
 from featurestore.featurize import Featurizer, SlotIds, bandit_keys
 from featurestore.pooling import pool_rows
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
-from service.snapshot import ServingSnapshot, SlotVectors
+from service.snapshot import ServingSnapshot
+from service.vectors import SlotVectors
 from trainer.wide import wide_logits
 
 
@@ -53,7 +54,8 @@ def pool_into(out: np.ndarray, col: int, store: SlotVectors, s: SlotIds) -> None
     The trainer's pooling kernel (``featurestore.pooling.pool_rows``) on the snapshot's rows:
     unknown IDs map to the all-zero row 0, as unadmitted IDs pool as zeros in training.
     """
-    pool_rows(store.matrix, store.rows(s.ids), s.offsets, out, col)
+    state = store.state  # rows and matrix from one committed state
+    pool_rows(state.matrix, state.rows(s.ids), s.offsets, out, col)
 
 
 class Scorer:

@@ -3,9 +3,14 @@
 A replica holds everything it scores with in process memory — per slot an ID -> vector store,
 the dense model, the Diag-LinUCB statistics and the user-cluster centroids — so a request touches
 no network. :class:`SnapshotFollower` loads the current snapshot from Redis alone, then follows
-the update stream with blocking XREAD (no polling delay) and applies each delta between
-requests. Everything runs on the event loop's thread: a delta is fetched with awaits, then applied
-synchronously, so a request never sees a half-applied delta and no lock is needed.
+the update stream with blocking XREAD (no polling delay).
+
+What runs where: Redis I/O is awaited on the event loop (replies are a few large byte strings,
+cheap to parse). The CPU work — decoding a full snapshot and building its stores, preparing
+each delta (vectorized merges into new index arrays, a new dense model) — runs on a worker
+thread while requests keep scoring against the current state; the result is then committed on
+the loop by reference assignments, so a request sees either the old state or the new one,
+never a half-applied delta, and no lock is needed (see :mod:`service.vectors`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import numpy as np
 import redis
@@ -22,94 +26,21 @@ import torch
 
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.schema import ModelConfig
-from featurestore.snapshot_store import (
-    AsyncSnapshotReader,
+from featurestore.snapshot_codec import SnapshotFormatError
+from featurestore.snapshot_reader import AsyncSnapshotReader
+from featurestore.snapshot_types import (
     BanditRows,
     DeltaRows,
     FullSnapshot,
-    SnapshotFormatError,
     SnapshotMeta,
     Update,
 )
 from freshrec.metrics import ServiceMetrics
 from service.dense import NumpyCTR
+from service.vectors import SlotChange, SlotVectors
 from trainer.model import CTRModel, load_model_arrays
 
 log = logging.getLogger("freshrec.service")
-
-
-class SlotVectors:
-    """ID -> float32 vector for one slot, tuned for gathering ~100-1000 IDs per request.
-
-    A dict maps IDs to rows of one matrix whose row 0 stays all-zero: unknown IDs map to it, so a
-    gather is one fancy-index with no masking, and unknown IDs score with zero embeddings exactly
-    as unadmitted IDs do in training. Deleted rows go on a free list and are reused. (A dict
-    lookup is ~50 ns per ID; 1,000 IDs cost ~0.1 ms, well inside the budget, and it needs no
-    compiled code in the service.)
-    """
-
-    def __init__(self, dim: int, capacity: int = 1024) -> None:
-        self.dim = dim
-        self.matrix = np.zeros((max(capacity, 2), dim), dtype=np.float32)
-        self.index: dict[int, int] = {}
-        self._free: list[int] = []
-        self._used = 1  # row 0 is the zero row
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def upsert(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Set the vectors of ``ids`` (new IDs get a row, known IDs are overwritten)."""
-        rows = np.empty(len(ids), dtype=np.int64)
-        index = self.index
-        for i, key in enumerate(ids.tolist()):
-            r = index.get(key)
-            if r is None:
-                r = self._free.pop() if self._free else self._take()
-                index[key] = r
-            rows[i] = r
-        self.matrix[rows] = vectors
-
-    def _take(self) -> int:
-        if self._used >= self.matrix.shape[0]:
-            bigger = np.zeros((self.matrix.shape[0] * 2, self.dim), dtype=np.float32)
-            bigger[: self._used] = self.matrix[: self._used]
-            self.matrix = bigger
-        self._used += 1
-        return self._used - 1
-
-    def delete(self, ids: np.ndarray) -> None:
-        """Forget ``ids`` (absent ones are ignored); their rows are zeroed and reused."""
-        for key in ids.tolist():
-            r = self.index.pop(key, None)
-            if r is not None:
-                self.matrix[r] = 0.0
-                self._free.append(r)
-
-    def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
-        """Row of each ID, 0 (the zero row) where unknown."""
-        keys = ids.tolist() if isinstance(ids, np.ndarray) else ids
-        # map over the bound method: no generator frame per ID (about half the cost).
-        return np.fromiter(map(self.index.get, keys, repeat(0, len(keys))), dtype=np.int64,
-                           count=len(keys))
-
-    def vector(self, key: int) -> np.ndarray:
-        """The vector of one ID (a view; the zero row when unknown)."""
-        return self.matrix[self.index.get(key, 0)]
-
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """float32 ``(len(ids), dim)`` vectors; zeros for unknown IDs."""
-        return self.matrix[self.rows(ids)]
-
-    @classmethod
-    def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray) -> SlotVectors:
-        """Bulk-load a slot from a full snapshot."""
-        sv = cls(dim, capacity=len(ids) + 1024)
-        n = len(ids)
-        sv.matrix[1 : n + 1] = vectors
-        sv.index = dict(zip(ids.tolist(), range(1, n + 1), strict=True))
-        sv._used = n + 1
-        return sv
 
 
 def _dense_model(config: ModelConfig, arrays: dict[str, np.ndarray]) -> CTRModel:
@@ -117,6 +48,9 @@ def _dense_model(config: ModelConfig, arrays: dict[str, np.ndarray]) -> CTRModel
     load_model_arrays(model, arrays)
     model.eval()
     return model
+
+
+BANDIT_INLINE_ROWS = 4_096  # bigger bandit patches are applied to a copy, off the loop
 
 
 def _bandit_from_rows(header_n: int, lam: float, half_life_s: float, version: int,
@@ -128,6 +62,18 @@ def _bandit_from_rows(header_n: int, lam: float, half_life_s: float, version: in
         "half_life_s": np.array(half_life_s), "dedup_capacity": np.array(1),
         "version": np.array(version), "clock": np.array(-np.inf if clock is None else clock),
     })  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """A delta made ready off the loop: per-slot changes, a new bandit or dense model if any."""
+
+    update: Update
+    rows: DeltaRows
+    slots: dict[str, SlotChange]
+    bandit: DiagLinUCB | None  # a patched copy (big patches) or a first bandit; else None
+    model: CTRModel | None
+    dense: NumpyCTR | None
 
 
 @dataclass
@@ -187,32 +133,53 @@ class ServingSnapshot:
         counts = arrays.get("counts")
         self.counts = counts if counts is not None and len(counts) == len(c) else None
 
-    def apply(self, update: Update, rows: DeltaRows) -> None:
-        """Apply one delta entry and the rows fetched for it (synchronously, between requests)."""
-        for slot, (ids, vectors) in rows.emb.items():
-            if slot in self.slots:
-                self.slots[slot].upsert(ids, vectors)
-        for source in (update.deleted, rows.gone):
-            for slot, ids in source.items():
-                if slot in self.slots:
-                    self.slots[slot].delete(ids)
+    def prepare(self, update: Update, rows: DeltaRows) -> PreparedUpdate:
+        """The CPU work of applying a delta, leaving this snapshot untouched (worker thread)."""
+        slots = {}
+        for slot, store in self.slots.items():
+            ids, vectors = rows.emb.get(slot, (np.empty(0, np.int64), None))
+            deleted = rows.deleted.get(slot, np.empty(0, np.int64))
+            if len(ids) or len(deleted):
+                if vectors is None:
+                    vectors = np.empty((0, store.dim), np.float32)
+                slots[slot] = store.prepare(ids, vectors, deleted)
+        bandit = None
         if rows.bandit is not None and update.bandit_header is not None:
             h = update.bandit_header
             if self.bandit is None:
-                self.bandit = _bandit_from_rows(h.n_clusters, h.lam, h.half_life_s, h.version,
-                                                h.clock, rows.bandit)
-            else:
-                self.bandit.patch(rows.bandit.item_ids, rows.bandit.d, rows.bandit.b, h.version,
-                                  ts=h.clock)
-        if rows.dense is not None:
-            self.model = _dense_model(self.config, rows.dense)
-            self.dense = NumpyCTR(self.model)
+                bandit = _bandit_from_rows(h.n_clusters, h.lam, h.half_life_s, h.version,
+                                           h.clock, rows.bandit)
+            elif len(rows.bandit.item_ids) > BANDIT_INLINE_ROWS:
+                bandit = DiagLinUCB.from_arrays(self.bandit.to_arrays())
+                bandit.patch(rows.bandit.item_ids, rows.bandit.d, rows.bandit.b, h.version,
+                             ts=h.clock)
+        model = _dense_model(self.config, rows.dense) if rows.dense is not None else None
+        return PreparedUpdate(update, rows, slots, bandit, model,
+                              None if model is None else NumpyCTR(model))
+
+    def commit(self, p: PreparedUpdate) -> None:
+        """Make a prepared delta visible (on the loop, between requests: cheap assignments)."""
+        for slot, change in p.slots.items():
+            self.slots[slot].commit(change)
+        rows, update = p.rows, p.update
+        if p.bandit is not None:
+            self.bandit = p.bandit
+        elif rows.bandit is not None and update.bandit_header is not None and self.bandit:
+            h = update.bandit_header
+            self.bandit.patch(rows.bandit.item_ids, rows.bandit.d, rows.bandit.b, h.version,
+                              ts=h.clock)
+        if p.model is not None and p.dense is not None:
+            self.model, self.dense = p.model, p.dense
         if rows.centroids is not None:
             self._set_centroids(rows.centroids)
         self.version = update.version
         self.dense_version = update.dense_version
         self.centroids_version = update.centroids_version
         self.updated = update.updated
+
+    def apply(self, update: Update, rows: DeltaRows) -> None:
+        """Prepare and commit at once (where nothing reads concurrently)."""
+        self.commit(self.prepare(update, rows))
 
     def table_sizes(self) -> dict[str, int]:
         return {name: len(sv) for name, sv in self.slots.items()}
@@ -291,7 +258,7 @@ class SnapshotFollower:
                 return
             rows = await self.reader.fetch_delta(u, snap.meta, snap.dense_version,
                                                  snap.centroids_version)
-            snap.apply(u, rows)
+            snap.commit(await asyncio.to_thread(snap.prepare, u, rows))
             self.position = u.stream_id
             self.metrics.snapshot_updates.labels("delta").inc()
         self._gauges()

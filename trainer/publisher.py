@@ -1,27 +1,38 @@
-"""The snapshot publisher: pushes what the trainer changed to Redis, between training batches.
+"""The snapshot publisher: pushes what the trainer changed to Redis without ever blocking training.
 
-Driven from the training thread (:meth:`Publisher.maybe_publish` after each batch), because the
-embedding tables have one writer and no locks: gathering changes here is race-free, and every
-gathered array is a copy. Redis I/O is done inline too. Measured on the dev VM (see
-docs/serving.md): a delta of a few hundred rows is one MULTI/EXEC round trip of ~1-2 ms, far
-below the 200 ms publish interval, so a background writer thread would buy nothing but a second
-copy of the bookkeeping (what was confirmed, when deletions may be trimmed). A full snapshot does
-block training for its duration (about a second per 100 k rows); it happens at start and when
-Redis lost the data.
+Two sides. The *training thread* gathers (:meth:`Publisher.maybe_publish` after each batch,
+every ``trainer_publish_interval_ms``): the embedding tables have one writer and no locks, so
+reading their changes is done there, and every gathered array is a copy. The *publisher thread*
+writes to Redis. Between them a bounded queue (``trainer_publish_queue_size``); when it is full
+the training thread skips the cycle — nothing is lost, the changes stay in the tables (their
+row versions and deletion logs) and the next gather picks them up.
 
-Per cycle: one cheap ``HGET meta generation`` detects a flushed/restarted Redis (or another
-publisher) and triggers a full snapshot; otherwise touched rows since the last *confirmed*
-table versions, deleted IDs, changed bandit rows, and — every
-``trainer_dense_publish_interval_s``, when they changed — the dense weights and user-cluster
-centroids. Deletions are trimmed from the tables only after Redis confirmed the publish. A failed
-publish is retried from the same confirmed versions next cycle (rows are overwritten, so
-repeating them is harmless); its version number is burnt, so replicas see a gap in the
-``prev_version`` chain and reload fully rather than miss anything.
+While Redis is away the publisher thread keeps draining the queue and merges every delta into
+one pending delta (:func:`featurestore.snapshot_merge.merge_deltas`: touched rows unioned,
+upserts and deletions resolved by last write), retrying with capped backoff. Memory is bounded:
+past ``trainer_publish_max_pending_rows`` the merged delta is dropped and, once Redis answers
+again, the training thread is asked for a full snapshot instead (as when Redis comes back
+empty, another publisher replaced the generation, or a checkpoint restore swapped the tables).
+A full snapshot takes the publisher thread about a second per 100 k rows of Python work, which
+then competes with training for the GIL; gathering it costs the training thread one copy of the
+live rows.
+
+Per write: one cheap ``HGET meta generation`` detects a flushed/restarted Redis (or another
+publisher); otherwise the merged delta — rows, deleted IDs, changed bandit rows, and every
+``trainer_dense_publish_interval_s`` when they changed the dense weights and user-cluster
+centroids — goes out as one transaction. A failed write is retried merged with what came after;
+its version number is burnt, so replicas see a gap in the ``prev_version`` chain and reload
+fully rather than miss anything.
+
+``background=False`` (tests, tools) runs the same machinery inline: ``maybe_publish`` returns
+once Redis confirmed (or refused) the write.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +43,9 @@ import redis
 
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.schema import ModelConfig
-from featurestore.snapshot_store import BanditHeader, BanditRows, SnapshotData, SnapshotStore
+from featurestore.snapshot_merge import merge_deltas, pending_rows
+from featurestore.snapshot_types import BanditHeader, BanditRows, SnapshotData
+from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
@@ -109,21 +122,23 @@ class _TrainerState:
         return hook.clusters.centroids, hook.clusters.counts
 
 
+_STOP = "stop"
+
+
 class Publisher:
     """Publishes full snapshots and deltas of a trainer's state to a :class:`SnapshotStore`."""
 
     def __init__(self, store: SnapshotStore, state: StateSource | PublishableState,
-                 settings: Settings, metrics: TrainerMetrics | None = None) -> None:
+                 settings: Settings, metrics: TrainerMetrics | None = None, *,
+                 background: bool = False) -> None:
         self.store = store
         self.state = state
         self.metrics = metrics or TrainerMetrics()
         self.interval_s = settings.trainer_publish_interval_ms / 1000.0
         self.dense_interval_s = settings.trainer_dense_publish_interval_s
-        self.version = 0  # last version number used (confirmed or not)
-        self.confirmed_version = 0  # last version Redis acknowledged
-        self.generation: str | None = None
-        self.dense_version = 0
-        self.centroids_version = 0
+        self.max_pending_rows = settings.trainer_publish_max_pending_rows
+        # -- the training thread's side: what has been gathered --
+        self._gathered_full = False
         self._table_versions: dict[str, int] = {}
         self._table_ids: dict[str, int] = {}  # id() of each table, to notice restores
         self._bandit_version = 0
@@ -132,57 +147,249 @@ class Publisher:
         self._last_dense = -np.inf
         self._last_dense_arrays: dict[str, np.ndarray] | None = None
         self._last_centroids: Centroids | None = None
+        self._want_full = threading.Event()  # set by the writer: gather a full snapshot next
+        # -- the writer's side: what Redis has, and what waits for it --
+        self.version = 0  # last version number used (confirmed or not)
+        self.confirmed_version = 0  # last version Redis acknowledged
+        self.generation: str | None = None
+        self.dense_version = 0
+        self.centroids_version = 0
+        self._full: SnapshotData | None = None
+        self._delta: SnapshotData | None = None
+        self._need_full = False
         self._last_error_log = -np.inf
         self.errors = 0
+        self._queue: queue.Queue[tuple[str, SnapshotData | None]] | None = None
+        self._thread: threading.Thread | None = None
+        if background:
+            self._queue = queue.Queue(settings.trainer_publish_queue_size)
+            self._thread = threading.Thread(target=self._run, name="snapshot-publisher",
+                                            daemon=True)
+            self._thread.start()
 
-    # ---- the loop's entry point -----------------------------------------------------------
+    # ---- the training thread's entry points -----------------------------------------------
 
     def maybe_publish(self, now: float | None = None) -> bool:
-        """Publish if the interval elapsed; True if something was written to Redis.
+        """Gather and hand over changes if the interval elapsed; never blocks on Redis.
 
-        Never raises on Redis errors (the trainer must keep learning through a Redis outage):
-        they are logged, counted, and the next cycle retries.
+        True if something was handed to the publisher thread (background) or written to Redis
+        (inline). Redis errors are never raised: they are logged, counted, and retried.
         """
         now = time.monotonic() if now is None else now
         if now - self._last_cycle < self.interval_s:
             return False
         self._last_cycle = now
-        try:
-            if self.generation is None or self._tables_replaced() or (
-                    self.store.current_generation() != self.generation):
-                self.publish_full(now)
-                return True
-            return self._publish_delta(now)
-        except (redis.RedisError, OSError) as exc:
-            self.errors += 1
-            self.metrics.publishes.labels("error").inc()
-            if now - self._last_error_log > 10.0:
-                log.warning("publish failed (will retry every cycle): %s", exc)
-                self._last_error_log = now
+        if self._queue is not None and self._queue.full():
+            self.metrics.publish_skipped.inc()  # the changes wait in the tables
             return False
+        if not self._gathered_full or self._tables_replaced() or self._want_full.is_set():
+            self._want_full.clear()
+            return self._submit("full", self._gather_full(now))
+        data = self._gather_delta(now)
+        if data is None:
+            return False
+        done = self._submit("delta", data)
+        if self._queue is None and self._want_full.is_set():
+            # Inline: Redis lost the snapshot; republish in full right away.
+            self._want_full.clear()
+            done = self._submit("full", self._gather_full(now))
+        return done
 
     def publish_full(self, now: float | None = None) -> None:
-        """Write every live row, the bandit statistics and the dense weights under a new
-        generation, then switch readers to it (see :meth:`SnapshotStore.write_full`)."""
-        now = time.monotonic() if now is None else now
-        started = time.perf_counter()
+        """Gather a full snapshot and publish it (inline: raises if Redis refuses)."""
+        data = self._gather_full(time.monotonic() if now is None else now)
+        if self._queue is not None:
+            self._queue.put(("full", data))
+            return
+        self._take("full", data)
+        self._flush(raise_errors=True)
+
+    def close(self, timeout_s: float = 15.0) -> None:
+        """Hand over the last changes, let the publisher thread write them, drop the connection.
+
+        Waits at most ``timeout_s`` for Redis: a trainer stopping during an outage must not hang
+        (the next trainer publishes a full snapshot anyway).
+        """
+        try:
+            self._last_cycle = -np.inf
+            self.maybe_publish()
+            if self._queue is not None and self._thread is not None:
+                try:
+                    self._queue.put((_STOP, None), timeout=timeout_s)
+                except queue.Full:
+                    log.warning("publisher queue full at close; unpublished changes dropped")
+                self._thread.join(timeout_s)
+        finally:
+            self.store.r.close()
+
+    # ---- gathering (training thread) -------------------------------------------------------
+
+    def _submit(self, kind: str, data: SnapshotData) -> bool:
+        if self._queue is not None:
+            self._queue.put_nowait((kind, data))  # never full: checked before gathering
+            self.metrics.publish_queue_depth.set(self._queue.qsize())
+            return True
+        self._take(kind, data)
+        return bool(self._flush())
+
+    def _gather_full(self, now: float) -> SnapshotData:
         st = self.state
         tables = st.tables
         data = SnapshotData()
         versions = {}
         for slot, table in tables.items():
-            ids, vectors = table.all_rows()
-            data.emb[slot] = (ids, vectors)
+            data.emb[slot] = table.all_rows()
             versions[slot] = table.version
+            table.trim_deletions(table.version)  # a full snapshot needs no deletion log
         bandit = st.bandit
         if bandit is not None:
             a = bandit.to_arrays()
             data.bandit = BanditRows(a["item_ids"], a["t"], a["d"], a["b"])
             data.bandit_header = _bandit_header(bandit)
+            self.metrics.bandit_items.set(len(bandit))
         data.dense = model_arrays(st.model)
         cents = st.centroids()
         if cents is not None:
             data.centroids = {"centroids": cents[0], "counts": cents[1]}
+        self._gathered_full = True
+        self._table_versions = versions
+        self._table_ids = {slot: id(t) for slot, t in tables.items()}
+        self._bandit_version = bandit.version if bandit is not None else 0
+        self._bandit_id = id(bandit)
+        self._last_dense = now
+        self._last_dense_arrays = data.dense
+        self._last_centroids = cents
+        return data
+
+    def _tables_replaced(self) -> bool:
+        tables = self.state.tables
+        if {s: id(t) for s, t in tables.items()} != self._table_ids:
+            return True
+        # A restored table may carry an older version counter than what we gathered.
+        return any(t.version < self._table_versions.get(s, 0) for s, t in tables.items())
+
+    def _gather_delta(self, now: float) -> SnapshotData | None:
+        """Changes since the last gather (and trims the tables' deletion logs up to it)."""
+        st = self.state
+        data = SnapshotData()
+        for slot, table in st.tables.items():
+            ch = table.changes_since(self._table_versions[slot])
+            if len(ch.ids):
+                data.emb[slot] = (ch.ids, ch.vectors)
+            if len(ch.deleted_ids):
+                data.deleted[slot] = ch.deleted_ids
+            self._table_versions[slot] = ch.version
+            table.trim_deletions(ch.version)  # the deletions now travel with ``data``
+        bandit = st.bandit
+        if bandit is not None:
+            since = self._bandit_version if id(bandit) == self._bandit_id else 0
+            ids, d, b, self._bandit_version = bandit.changes_since(since)
+            self._bandit_id = id(bandit)
+            if len(ids):
+                data.bandit = BanditRows(ids, np.full(len(ids), bandit.clock), d, b)
+                data.bandit_header = _bandit_header(bandit)
+            self.metrics.bandit_items.set(len(bandit))
+        if now - self._last_dense >= self.dense_interval_s:
+            self._last_dense = now
+            dense = model_arrays(st.model)
+            if not _same_arrays(dense, self._last_dense_arrays):
+                data.dense = self._last_dense_arrays = dense
+            cents = st.centroids()
+            if cents is not None and not _same_centroids(cents, self._last_centroids):
+                data.centroids = {"centroids": cents[0], "counts": cents[1]}
+                self._last_centroids = cents
+        return None if data.empty else data
+
+    # ---- writing (publisher thread, or inline) ---------------------------------------------
+
+    def _run(self) -> None:
+        """The publisher thread: drain the queue, merge, write, back off while Redis is away."""
+        assert self._queue is not None
+        backoff, next_try, stopping = 0.05, 0.0, False
+        while not stopping:
+            waiting = self._full is not None or self._delta is not None or self._need_full
+            try:
+                items = [self._queue.get(timeout=max(0.01, next_try - time.monotonic())
+                                         if waiting else 0.5)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, data in items:
+                if kind == _STOP:
+                    stopping = True
+                elif data is not None:
+                    self._take(kind, data)
+            self.metrics.publish_queue_depth.set(self._queue.qsize())
+            if time.monotonic() < next_try and not stopping:
+                continue
+            if self._flush() is None:
+                next_try = time.monotonic() + backoff
+                backoff = min(backoff * 2, 2.0)
+            else:
+                backoff, next_try = 0.05, 0.0
+
+    def _take(self, kind: str, data: SnapshotData) -> None:
+        """Add gathered changes to what waits for Redis."""
+        if kind == "full":
+            self._full, self._delta, self._need_full = data, None, False
+        elif not self._need_full:  # else the full snapshot to come covers it
+            if self._delta is None:
+                self._delta = data
+            else:
+                self._delta = merge_deltas(self._delta, data)
+                self.metrics.publish_merged.inc()
+            if pending_rows(self._delta) > self.max_pending_rows:
+                log.warning("merged delta passed %d rows while Redis was away: a full "
+                            "snapshot follows once Redis answers", self.max_pending_rows)
+                self._full = self._delta = None
+                self._need_full = True
+                self.metrics.publish_overflows.inc()
+        rows = pending_rows(self._delta) if self._delta is not None else 0
+        self.metrics.publish_pending_rows.set(rows)
+
+    def _flush(self, raise_errors: bool = False) -> bool | None:
+        """Write what waits; True if something was written, None if Redis failed."""
+        try:
+            if self._need_full:
+                self.store.r.ping()  # Redis answers again: ask the training thread for one
+                self._want_full.set()
+                return False
+            wrote = False
+            if self._full is not None:
+                self._write_full(self._full)
+                self._full, wrote = None, True
+            if self._delta is not None:
+                if self.store.current_generation() != self.generation:
+                    log.info("Redis no longer holds generation %s: republishing in full",
+                             self.generation)
+                    self._delta, self._need_full = None, True
+                    self._want_full.set()
+                    return wrote
+                self._write_delta(self._delta)
+                self._delta, wrote = None, True
+                self.metrics.publish_pending_rows.set(0)
+            return wrote
+        except (redis.RedisError, OSError) as exc:
+            self.errors += 1
+            self.metrics.publishes.labels("error").inc()
+            self.metrics.publish_failures.inc()
+            now = time.monotonic()
+            if now - self._last_error_log > 10.0:
+                log.warning("publish failed (retrying, changes merge meanwhile): %s", exc)
+                self._last_error_log = now
+            if raise_errors:
+                raise
+            return None
+
+    def _write_full(self, data: SnapshotData) -> None:
+        """Write every live row, the bandit statistics and the dense weights under a new
+        generation, then switch readers to it (see :meth:`SnapshotStore.write_full`)."""
+        started = time.perf_counter()
+        st = self.state
         meta = self.store.read_meta()
         version = max(self.version, meta.version if meta else 0) + 1
         self.version = version
@@ -192,100 +399,25 @@ class Publisher:
             slots={s.name: s.dim for s in st.config.slots},
         )
         self.confirmed_version = self.dense_version = version
-        self.centroids_version = version if cents is not None else 0
-        self._table_versions = versions
-        self._table_ids = {slot: id(t) for slot, t in tables.items()}
-        for slot, table in tables.items():
-            table.trim_deletions(versions[slot])
-        self._bandit_version = bandit.version if bandit is not None else 0
-        self._bandit_id = id(bandit)
-        self._last_dense = now
-        self._last_dense_arrays = data.dense
-        self._last_centroids = cents
+        self.centroids_version = version if data.centroids is not None else 0
         self._observe("full", started, data)
         log.info("published full snapshot v%d generation %s (%d rows)", version,
                  self.generation, data.n_rows)
 
-    def close(self) -> None:
-        """Final delta so nothing trained is left unpublished, then drop the connection."""
-        try:
-            self._last_cycle = -np.inf
-            self.maybe_publish()
-        finally:
-            self.store.r.close()
-
-    # ---- internals ------------------------------------------------------------------------
-
-    def _tables_replaced(self) -> bool:
-        tables = self.state.tables
-        if {s: id(t) for s, t in tables.items()} != self._table_ids:
-            return True
-        # A restored table may carry an older version counter than what we published.
-        return any(t.version < self._table_versions.get(s, 0) for s, t in tables.items())
-
-    def _publish_delta(self, now: float) -> bool:
+    def _write_delta(self, data: SnapshotData) -> None:
         started = time.perf_counter()
-        st = self.state
-        data = SnapshotData()
-        versions = {}
-        for slot, table in st.tables.items():
-            ch = table.changes_since(self._table_versions[slot])
-            if len(ch.ids):
-                data.emb[slot] = (ch.ids, ch.vectors)
-            if len(ch.deleted_ids):
-                data.deleted[slot] = ch.deleted_ids
-            versions[slot] = ch.version
-        bandit = st.bandit
-        bandit_version = self._bandit_version
-        if bandit is not None:
-            since = self._bandit_version if id(bandit) == self._bandit_id else 0
-            ids, d, b, bandit_version = bandit.changes_since(since)
-            if len(ids):
-                clock = bandit.clock
-                data.bandit = BanditRows(ids, np.full(len(ids), clock), d, b)
-                data.bandit_header = _bandit_header(bandit)
-        dense_version, cents_version = self.dense_version, self.centroids_version
-        new_dense, new_cents = self._last_dense_arrays, self._last_centroids
-        dense_due = now - self._last_dense >= self.dense_interval_s
-        if dense_due:
-            new_dense = model_arrays(st.model)
-            if not _same_arrays(new_dense, self._last_dense_arrays):
-                data.dense = new_dense
-            new_cents = st.centroids()
-            if new_cents is not None and not _same_centroids(new_cents, self._last_centroids):
-                data.centroids = {"centroids": new_cents[0], "counts": new_cents[1]}
-        if data.empty:
-            # Nothing to announce; table versions may still have moved (lookups of rejected
-            # IDs bump them), so skip ahead — nothing after the old version was missed.
-            self._table_versions = versions
-            self._bandit_version, self._bandit_id = bandit_version, id(bandit)
-            if dense_due:
-                self._last_dense = now
-            return False
         version = self.version + 1
         self.version = version
-        if data.dense is not None:
-            dense_version = version
-        if data.centroids is not None:
-            cents_version = version
+        dense_version = version if data.dense is not None else self.dense_version
+        cents_version = version if data.centroids is not None else self.centroids_version
         self.store.write_delta(
             data, generation=self.generation or "", version=version,
             prev_version=self.confirmed_version, dense_version=dense_version,
             centroids_version=cents_version, prev_dense_version=self.dense_version,
         )
-        # Confirmed: advance what the next delta starts from, and let the tables forget
-        # deletions that are now in Redis.
         self.confirmed_version = version
         self.dense_version, self.centroids_version = dense_version, cents_version
-        self._table_versions = versions
-        for slot, table in st.tables.items():
-            table.trim_deletions(versions[slot])
-        self._bandit_version, self._bandit_id = bandit_version, id(bandit)
-        if dense_due:
-            self._last_dense = now
-            self._last_dense_arrays, self._last_centroids = new_dense, new_cents
         self._observe("delta" if data.dense is None else "dense", started, data)
-        return True
 
     def _observe(self, kind: str, started: float, data: SnapshotData) -> None:
         m = self.metrics
@@ -294,9 +426,6 @@ class Publisher:
         m.publishes.labels(kind).inc()
         m.snapshot_version.set(self.confirmed_version)
         m.last_publish.set(time.time())
-        bandit = self.state.bandit
-        if bandit is not None:
-            m.bandit_items.set(len(bandit))
 
 
 def _bandit_header(bandit: DiagLinUCB) -> BanditHeader:
@@ -322,7 +451,7 @@ def make_publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0,
                                   socket_connect_timeout=2.0)
     store = SnapshotStore(client, settings.model_name)
-    return Publisher(store, _TrainerState(trainer), settings, metrics)
+    return Publisher(store, _TrainerState(trainer), settings, metrics, background=True)
 
 
 __all__ = ["Centroids", "PublishableState", "Publisher", "StateSource", "make_publisher"]

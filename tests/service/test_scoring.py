@@ -17,7 +17,7 @@ from featurestore.featurize import SlotIds
 from featurestore.pooling import mean_pool
 from service.schemas import ParsedScore, ScoreRequest, parse_score_body
 from service.scoring import pool_into
-from service.snapshot import SlotVectors
+from service.vectors import SlotVectors
 
 
 def test_pool_into_equals_mean_pool_with_empty_bags_and_unknown_ids() -> None:

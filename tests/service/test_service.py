@@ -27,7 +27,7 @@ from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import Impression
 from featurestore.featurize import Featurizer, encode_value, event_record
 from featurestore.schema import ModelConfig, SlotSide, load_model_config
-from featurestore.snapshot_store import SnapshotStore
+from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.settings import Settings
 from service.app import create_app

@@ -8,14 +8,12 @@ import numpy as np
 import pytest
 import redis
 
-from featurestore import snapshot_store as ss
-from featurestore.snapshot_store import (
-    BanditHeader,
-    BanditRows,
-    SnapshotData,
-    SnapshotFormatError,
-    SnapshotStore,
-)
+from featurestore import snapshot_codec as codec
+from featurestore import snapshot_writer as writer
+from featurestore.snapshot_codec import SnapshotFormatError
+from featurestore.snapshot_keys import shard_of
+from featurestore.snapshot_types import BanditHeader, BanditRows, SnapshotData
+from featurestore.snapshot_writer import SnapshotStore
 
 
 @pytest.fixture
@@ -51,26 +49,28 @@ def sorted_rows(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def test_arrays_round_trip_and_big_values_are_chunked() -> None:
     arrays = {"big": np.arange(600_000, dtype=np.float32).reshape(1000, 600),
               "i": np.array([1, -2], dtype=np.int64), "scalar": np.array(2.5)}
-    fields = ss.encode_arrays(arrays)
+    fields = codec.encode_arrays(arrays)
     assert len(fields) == 1 + 3  # manifest + three chunks of <= 1 MB
-    assert all(len(v) <= ss.CHUNK_BYTES for k, v in fields.items() if k != b"manifest")
-    out = ss.decode_arrays(fields)
+    assert all(len(v) <= codec.CHUNK_BYTES for k, v in fields.items() if k != b"manifest")
+    out = codec.decode_arrays(fields)
     for k, a in arrays.items():
         np.testing.assert_array_equal(out[k], a)
         assert out[k].dtype == a.dtype
 
 
 def test_untrusted_blobs_are_validated_not_executed() -> None:
-    fields = ss.encode_arrays({"w": np.ones((2, 2), np.float32)})
+    fields = codec.encode_arrays({"w": np.ones((2, 2), np.float32)})
     with pytest.raises(SnapshotFormatError):
-        ss.decode_arrays({**fields, b"chunk:0": fields[b"chunk:0"][:-1]})
+        codec.decode_arrays({**fields, b"chunk:0": fields[b"chunk:0"][:-1]})
     bad = fields[b"manifest"].replace(b"<f4", b"|O")
     with pytest.raises(SnapshotFormatError):
-        ss.decode_arrays({**fields, b"manifest": bad})
+        codec.decode_arrays({**fields, b"manifest": bad})
     with pytest.raises(SnapshotFormatError):
-        ss.unpack_ids(b"1234567")
+        codec.unpack_ids(b"1234567")
     with pytest.raises(SnapshotFormatError):
-        ss._decode_rows([b"12345678"], [b"x" * 15], 4, np.dtype("<f4"))
+        codec.decode_records([b"12345678" + b"x" * 15], 4, np.dtype("<f4"))
+    with pytest.raises(SnapshotFormatError):
+        codec.decode_found_rows(np.array([1, 2]), b"11", b"x" * 31, 4, np.dtype("<f4"))
 
 
 def test_full_snapshot_round_trips(store: SnapshotStore) -> None:
@@ -105,7 +105,7 @@ def test_fp16_rows_halve_the_bytes_and_read_back_as_float32(redis_client: redis.
         _, want = sorted_rows(*data.emb["item"])
         assert rows.dtype == np.float32
         np.testing.assert_allclose(rows, want, rtol=2e-3, atol=2e-3)
-        key = store.keys.emb(store.read_meta().generation, "item", int(ss.shard_of(ids[:1], 16)[0]))
+        key = store.keys.emb(store.read_meta().generation, "item", int(shard_of(ids[:1], 16)[0]))
         assert len(next(iter(redis_client.hgetall(key).values()))) == 4 * 2
     finally:
         store.drop()
@@ -135,16 +135,20 @@ def test_deltas_chain_versions_and_announce_rows_written_before_them(
 
 def test_big_deltas_move_their_id_lists_to_a_changelog(store: SnapshotStore) -> None:
     gen = write_full(store, full_data())
-    n = ss.INLINE_ID_LIMIT + 10
+    n = writer.INLINE_ID_LIMIT + 10
     ids = np.arange(1, n + 1, dtype=np.int64)
-    store.write_delta(SnapshotData(emb={"item": (ids, np.ones((n, 4), np.float32))}),
+    gone = full_data().emb["item"][0][:7]
+    store.write_delta(SnapshotData(emb={"item": (ids, np.ones((n, 4), np.float32))},
+                                   deleted={"item": gone}),
                       generation=gen, version=2, prev_version=1, dense_version=1,
                       centroids_version=1, prev_dense_version=1)
     u = store.read_updates(b"0-0")[-1]
-    assert u.changelog is not None and not u.emb
-    assert 0 < store.r.ttl(u.changelog) <= ss.CHANGELOG_TTL_S
+    assert u.changelog is not None and not u.emb and not u.deleted
+    assert 0 < store.r.ttl(u.changelog) <= writer.CHANGELOG_TTL_S
     rows = store.fetch_delta(u, store.read_meta(), 1, 1)
     np.testing.assert_array_equal(np.sort(rows.emb["item"][0]), ids)
+    # The deletions come back from the changelog too (the entry itself names none).
+    np.testing.assert_array_equal(np.sort(rows.deleted["item"]), np.sort(gone))
 
 
 def test_a_new_full_snapshot_expires_the_previous_generation(store: SnapshotStore) -> None:
@@ -153,8 +157,8 @@ def test_a_new_full_snapshot_expires_the_previous_generation(store: SnapshotStor
     assert new != old
     old_keys = store.keys.generation_keys(old, ["item"], 16, 16)
     ttls = [store.r.ttl(k) for k in old_keys if store.r.exists(k)]
-    assert ttls and all(0 < t <= ss.OLD_GENERATION_TTL_S for t in ttls)
-    assert 0 < store.r.ttl(store.keys.dense(1)) <= ss.OLD_DENSE_TTL_S
+    assert ttls and all(0 < t <= writer.OLD_GENERATION_TTL_S for t in ttls)
+    assert 0 < store.r.ttl(store.keys.dense(1)) <= writer.OLD_DENSE_TTL_S
     assert store.read_meta().generation == new
 
 
@@ -163,3 +167,17 @@ def test_missing_or_incomplete_meta_reads_as_no_snapshot(store: SnapshotStore) -
     write_full(store, full_data())
     store.r.hdel(store.keys.meta, "schema_hash")
     assert store.read_meta() is None
+
+
+def test_rows_of_the_wrong_size_in_redis_are_refused(store: SnapshotStore) -> None:
+    gen = write_full(store, full_data())
+    store.write_delta(SnapshotData(emb={"item": (np.array([11]), np.ones((1, 4), np.float32))}),
+                      generation=gen, version=2, prev_version=1, dense_version=1,
+                      centroids_version=1, prev_dense_version=1)
+    update = store.read_updates(b"0-0")[-1]
+    key = store.keys.emb(gen, "item", int(shard_of(np.array([11]), store.emb_shards)[0]))
+    store.r.hset(key, codec.pack_ids(np.array([11])), b"not a row")
+    with pytest.raises(SnapshotFormatError):
+        store.fetch_delta(update, store.read_meta(), 1, 1)
+    with pytest.raises(SnapshotFormatError):
+        store.read_full()
