@@ -11,7 +11,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -161,3 +169,36 @@ def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> N
     if offsets:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                         asynchronous=False)
+
+
+def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:
+    """Every message of ``topic`` up to its end, however long delivery of the tail takes.
+
+    The end is marked by a sentinel produced into every partition now (keys ``b"__end__"``,
+    not returned): once each partition's sentinel is read, everything produced before this
+    call has been read too. Call it after the writers stopped. A time-based read would return
+    early and miss a duplicate that shows up a second later.
+    """
+    consumer = Consumer(consumer_config(bootstrap, f"drain-{topic}"))
+    partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    producer = Producer(producer_config(bootstrap))
+    for p in partitions:
+        producer.produce(topic, value=b"", key=b"__end__", partition=p)
+    assert producer.flush(30) == 0
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    out: list[Message] = []
+    open_parts = set(partitions)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_parts:
+            assert time.monotonic() < deadline, f"{topic}: no end marker in {open_parts}"
+            for m in consumer.consume(10_000, timeout=0.5):
+                if m.error():
+                    continue
+                if m.key() == b"__end__":
+                    open_parts.discard(m.partition())
+                else:
+                    out.append(m)
+    finally:
+        consumer.close()
+    return out

@@ -12,6 +12,7 @@ Duplicates (at-least-once delivery, replays after a crash) are skipped by event 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import LabeledEvent
 from featurestore.featurize import encode_value
 from featurestore.schema import ModelConfig
+from freshrec.eventclock import EventClock
 from freshrec.settings import Settings
 from trainer.checkpoint import load_arrays, save_arrays
 from trainer.learner import OnlineLearner
@@ -37,6 +39,9 @@ class ExplorationHook:
     top_k: int
     user_slot: str
     seed: int = 0
+    # The trainer's event-time watermark: rewards are time-stamped no later than it, so one
+    # event with a skewed clock cannot age (decay) every item's statistics at once.
+    clock: EventClock | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, config: ModelConfig) -> ExplorationHook:
@@ -106,9 +111,20 @@ class ExplorationHook:
                         count=len(chosen)),
             clusters[mask], weights[mask],
             np.fromiter((e.label for e in chosen), dtype=np.float64, count=len(chosen)),
-            np.fromiter((e.ts for e in chosen), dtype=np.float64, count=len(chosen)),
+            self._times(chosen),
             event_ids=[e.event_id for e in chosen],
         )
+
+    def _times(self, events: list[LabeledEvent]) -> np.ndarray:
+        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
+        if self.clock is not None and math.isfinite(self.clock.now):
+            np.minimum(ts, self.clock.now, out=ts)
+        return ts
+
+    def on_expired(self, evicted: dict[str, np.ndarray], item_slot: str) -> int:
+        """Drop the statistics of items whose embedding rows the TTL sweep evicted."""
+        ids = evicted.get(item_slot)
+        return self.bandit.evict(ids) if ids is not None and len(ids) else 0
 
     def save(self, directory: Path) -> None:
         """Statistics and clusters as raw arrays (no pickle)."""

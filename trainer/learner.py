@@ -96,6 +96,9 @@ class OnlineLearner:
         self.model = CTRModel(config)
         self.optimizer = make_dense_optimizer(self.model, config)
         self.slot_names = [s.name for s in config.slots]
+        # Learning steps that started changing state: a caller that sees this unchanged after
+        # an exception knows the failed step left the model as it was.
+        self.mutations = 0
 
     def _rows(self, batch: SparseBatch, ts: np.ndarray, train: bool) -> dict[str, np.ndarray]:
         """Row per ID for every slot: counting and admitting (``train``) or read-only."""
@@ -156,6 +159,8 @@ class OnlineLearner:
         labels_np = np.asarray(labels, dtype=np.float32)
         offsets_np = (None if logit_offset is None
                       else np.asarray(logit_offset, dtype=np.float32))
+        if learn:
+            self.mutations += 1
         rows = self._rows(batch, np.asarray(ts, dtype=np.float64), train=learn)
         probs = np.empty(batch.size, dtype=np.float64)
         step = self.micro_batch if learn else max(batch.size, 1)
