@@ -7,6 +7,7 @@ because the trainer commits only offsets covered by a durable checkpoint.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
+
+log = logging.getLogger("freshrec.kafka")
 
 
 def producer_config(bootstrap: str, **extra: object) -> dict[str, object]:
@@ -164,11 +167,23 @@ def assign_from(consumer: Consumer, partitions: list[TopicPartition],
     consumer.assign(partitions)
 
 
-def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
-    """Synchronously commit next-offsets (after the checkpoint that stores them is durable)."""
-    if offsets:
+def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> bool:
+    """Synchronously commit next-offsets (after the checkpoint that stores them is durable).
+
+    A failure (broker restarting, group rebalancing) is logged and returns False instead of
+    raising: the trainer and the joiner resume from the offsets in their own checkpoint, so the
+    group's committed offsets only feed lag monitoring, and crashing on them would turn a broker
+    restart into a crash loop. The next checkpoint commits again.
+    """
+    if not offsets:
+        return True
+    try:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                         asynchronous=False)
+    except KafkaException as exc:
+        log.warning("offset commit failed (next checkpoint retries): %s", exc)
+        return False
+    return True
 
 
 def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:
