@@ -122,3 +122,66 @@ class EventClock:
         saved = state.get("now")
         c._now = -math.inf if saved is None else float(saved)  # type: ignore[arg-type]
         return c
+
+
+class PartitionedClock:
+    """One :class:`EventClock` per partition of a topic; ``now`` is the slowest partition's.
+
+    Partitions are consumed at independent speeds (after a restart one may be seconds of backlog
+    ahead of another), so a clock over the merged stream runs ahead of the partition that lags,
+    and the caller treats its events as already passed. The minimum over partitions seen so far
+    is the event time that every partition has reached (Kafka Streams and Flink take the same
+    minimum). A partition that never delivered anything is not waited for.
+
+    >>> c = PartitionedClock(window=4)
+    >>> c.observe(0, 100.0); c.observe(1, 50.0)
+    100.0
+    50.0
+    >>> c.now
+    50.0
+    """
+
+    def __init__(self, window: int = DEFAULT_WINDOW, quantile: float = DEFAULT_QUANTILE) -> None:
+        self.window, self.quantile = window, quantile
+        self._clocks: dict[int, EventClock] = {}
+        self._now = -math.inf
+
+    @property
+    def now(self) -> float:
+        """The minimum of the partitions' watermarks (``-inf`` before any event)."""
+        return self._now
+
+    def observe(self, partition: int, ts: float) -> float:
+        """Add one accepted event time of ``partition``; the new overall watermark."""
+        clock = self._clocks.get(partition)
+        if clock is None:
+            clock = self._clocks[partition] = EventClock(self.window, self.quantile)
+        before = clock.now
+        after = clock.observe([ts])
+        if after != before:
+            self._now = min(c.now for c in self._clocks.values())
+        return self._now
+
+    def clamp(self, upper: float) -> None:
+        """Cap every partition's clock at ``upper``."""
+        for clock in self._clocks.values():
+            clock.clamp(upper)
+        if self._now > upper:
+            self._now = upper
+
+    def state(self) -> dict[str, object]:
+        """JSON-able state: each partition's :meth:`EventClock.state`."""
+        return {"partitions": {str(p): c.state() for p, c in self._clocks.items()}}
+
+    @classmethod
+    def from_state(cls, state: object, window: int = DEFAULT_WINDOW,
+                   quantile: float = DEFAULT_QUANTILE) -> PartitionedClock:
+        """Inverse of :meth:`state`; anything else (an older format) gives an empty clock."""
+        c = cls(window, quantile)
+        parts = state.get("partitions") if isinstance(state, dict) else None
+        if isinstance(parts, dict):
+            for p, s in parts.items():
+                c._clocks[int(p)] = EventClock.from_state(s, window, quantile)
+            if c._clocks:
+                c._now = min(x.now for x in c._clocks.values())
+        return c

@@ -5,9 +5,11 @@ one core (torch step + table updates), the join is dict work on another, and the
 between them is the durable hand-off both sides already checkpoint against. See docs/joiner.md.
 
 Time: event times are untrusted (see freshrec/eventclock.py). An impression or click dated beyond
-wall clock + ``event_max_future_skew_s`` is dead-lettered, and each stream's clock is an
-:class:`~freshrec.eventclock.EventClock` (a low quantile of its recent event times, monotone)
-rather than its newest event time, so one skewed event cannot close every window at once.
+wall clock + ``event_max_future_skew_s`` is dead-lettered, and each stream's clock is a
+:class:`~freshrec.eventclock.PartitionedClock` (per partition the median of its recent event
+times, monotone; the stream's clock is the slowest partition's) rather than its newest event
+time, so one skewed event cannot close every window at once, and a partition read ahead of
+another (backlog after a restart) does not release clicks before their impressions are read.
 The two topics are consumed independently, so a click can be read before its impression.
 Such a click waits (saved with the state in checkpoints) until the impressions stream passes its
 time. Windows close on the watermark: the older of the two streams' newest event times (a silent
@@ -40,7 +42,7 @@ from featurestore.events import (
     LabeledEvent,
     describe_validation_error,
 )
-from freshrec.eventclock import EventClock, future_skew_reason
+from freshrec.eventclock import PartitionedClock, future_skew_reason
 from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import (
     DeliveryTracker,
@@ -57,7 +59,7 @@ from joiner.join import ClickOutcome, Joiner
 from trainer.checkpoint import Checkpointer
 
 log = logging.getLogger("freshrec.joiner")
-# Each stream's clock: the median of its last 256 event times. Smaller than the trainer's window
+# Each partition's clock: the median of its last 256 event times. Smaller than the trainer's window
 # because the joiner's lag (about 128 events) delays negatives, and 128 coordinated events are
 # still far beyond one bad client timestamp.
 CLOCK_WINDOW = 256
@@ -66,14 +68,13 @@ CLOCK_WINDOW = 256
 MAX_EARLY_CLICKS = 100_000
 
 
-def _clock_from(saved: object, upper: float) -> EventClock:
-    """A stream clock from a checkpoint (a state dict, or an older bare time), capped."""
-    if isinstance(saved, dict):
-        clock = EventClock.from_state(saved, window=CLOCK_WINDOW)
-    else:
-        clock = EventClock(CLOCK_WINDOW)
-        if saved is not None:
-            clock.observe([float(saved)])
+def _clock_from(saved: object, upper: float) -> PartitionedClock:
+    """A stream clock from a checkpoint, capped at ``upper``.
+
+    An older checkpoint's bare newest time is not trusted (one event could have set it): the
+    clock starts empty, and idle time or the next events move it.
+    """
+    clock = PartitionedClock.from_state(saved, window=CLOCK_WINDOW)
     clock.clamp(upper)
     return clock
 
@@ -89,8 +90,8 @@ class JoinerProcess:
         self.checkpointer = Checkpointer(settings.joiner_checkpoint_dir)
         self.offsets: dict[tuple[str, int], int] = {}
         self.emitted = 0
-        self._imp_clock = EventClock(CLOCK_WINDOW)
-        self._click_clock = EventClock(CLOCK_WINDOW)
+        self._imp_clock = PartitionedClock(CLOCK_WINDOW)
+        self._click_clock = PartitionedClock(CLOCK_WINDOW)
         self.max_early_clicks = MAX_EARLY_CLICKS
         # Clicks read before the impressions stream reached their time: (ts, seq, raw message).
         self._early: list[tuple[float, int, bytes, bytes | None, str, int, int]] = []
@@ -200,7 +201,7 @@ class JoinerProcess:
                 self._check_time(imp.ts)
                 self.joiner.add_impression(imp)
                 self.metrics.impressions.inc()
-                self._release_early(self._imp_clock.observe([imp.ts]))
+                self._release_early(self._imp_clock.observe(msg.partition(), imp.ts))
                 return
             click = Click.model_validate_json(raw)
             self._check_time(click.ts)
@@ -212,7 +213,7 @@ class JoinerProcess:
         except EventRejected as exc:  # valid alone, but unusable as a label (e.g. too wide)
             self._dead_letter(raw, msg.key(), source, exc.reason)
             return
-        self._click_clock.observe([click.ts])
+        self._click_clock.observe(msg.partition(), click.ts)
         if click.ts > self._imp_clock.now:
             # Its impression may simply not have been read yet (topics are consumed
             # independently): wait until the impressions stream passes the click's time.

@@ -27,10 +27,11 @@ def proc(tmp_path: Path):
     p._consumer.close()
 
 
-def impression(i: int, ts: float) -> Message:
+def impression(i: int, ts: float, partition: int = 0) -> Message:
     imp = Impression(request_id=f"r{i}", ts=ts, user_id=f"u{i}", model_version=1,
                      items=[ShownItem(item_id="a", position=0, score=1.0, pctr=0.1)])
-    return Message(topic="freshrec.impressions", partition=0, offset=i, value=imp.to_json())
+    return Message(topic="freshrec.impressions", partition=partition, offset=i,
+                   value=imp.to_json())
 
 
 def click(i: int, ts: float) -> Message:
@@ -65,3 +66,19 @@ def test_clicks_waiting_for_impressions_are_bounded(proc: JoinerProcess) -> None
     assert proc.metrics.registry.get_sample_value(
         "freshrec_joiner_dropped_total", {"reason": "early_clicks_full"}) == 7
     assert len(proc.dead) == 7 and all(r.startswith("orphan click") for r in proc.dead)
+
+
+def test_a_partition_read_ahead_does_not_release_clicks_of_one_behind(
+        proc: JoinerProcess) -> None:
+    now = time.time()
+    proc.handle(impression(0, now, partition=1))  # partition 1 has started, then lags
+    for i in range(1, 200):  # partition 0 is read 20 s ahead (backlog after a restart)
+        proc.handle(impression(i, now + 20 + i * 0.01, partition=0))
+    proc.handle(click(500, now + 3))  # its impression r500 is still unread in partition 1
+    assert not proc.dead  # waiting, not an orphan
+    proc.handle(impression(500, now + 2, partition=1))
+    for i in range(600, 640):
+        proc.handle(impression(i, now + 21 + i * 0.001, partition=1))
+    assert not proc.dead
+    assert any(e.event_id == "r500:a" and e.label == 1
+               for e in proc.__dict__.get("emitted_events", []))
