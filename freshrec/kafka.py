@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from confluent_kafka import (
@@ -189,16 +190,18 @@ def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> b
 def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:
     """Every message of ``topic`` up to its end, however long delivery of the tail takes.
 
-    The end is marked by a sentinel produced into every partition now (keys ``b"__end__"``,
-    not returned): once each partition's sentinel is read, everything produced before this
-    call has been read too. Call it after the writers stopped. A time-based read would return
-    early and miss a duplicate that shows up a second later.
+    The end is marked by a sentinel produced into every partition now (key ``b"__end__:"`` and
+    a random suffix; sentinels of every call are left out of the result): once each partition's
+    own sentinel is read, everything produced before this call has been read too. Call it after
+    the writers stopped. A time-based read would return early and miss a duplicate that shows up
+    a second later.
     """
     consumer = Consumer(consumer_config(bootstrap, f"drain-{topic}"))
     partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
     producer = Producer(producer_config(bootstrap))
+    marker = b"__end__:" + uuid.uuid4().hex.encode()
     for p in partitions:
-        producer.produce(topic, value=b"", key=b"__end__", partition=p)
+        producer.produce(topic, value=b"", key=marker, partition=p)
     assert producer.flush(30) == 0
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     out: list[Message] = []
@@ -210,9 +213,10 @@ def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Messa
             for m in consumer.consume(10_000, timeout=0.5):
                 if m.error():
                     continue
-                if m.key() == b"__end__":
+                key = m.key() or b""
+                if key == marker:
                     open_parts.discard(m.partition())
-                else:
+                elif not key.startswith(b"__end__:"):
                     out.append(m)
     finally:
         consumer.close()
