@@ -615,7 +615,7 @@ def redis_restart_case(infra: Infra, pipe: Pipeline, poller: VersionPoller, rest
     """Kill Redis and start it empty; the service must stay ready and catch up."""
     survived = 0
     for k in range(restarts):
-        before, restarts = poller.latest, pipe.total_restarts()
+        before, processes_restarted = poller.latest, pipe.total_restarts()
         infra.kill_redis()
         ready_during = all(pipe.ready() for _ in range(5) if not time.sleep(0.2))
         infra.start_redis()
@@ -625,7 +625,7 @@ def redis_restart_case(infra: Infra, pipe: Pipeline, poller: VersionPoller, rest
         except TimeoutError:
             caught_up = False
         ok = (ready_during and caught_up and pipe.ready()
-              and pipe.total_restarts() == restarts)
+              and pipe.total_restarts() == processes_restarted)
         survived += ok
         log(f"  redis restart {k + 1}/{restarts}: ready during outage {ready_during}, "
             f"version {before} -> {poller.latest}, survived {ok}")
