@@ -28,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 def test_trainer_killed_at_random_points_loses_no_event(tmp_path: Path) -> None:
     with Infra(tmp_path / "infra") as infra:
-        out = trainer_kills(infra, tmp_path, kills=2, n_events=6000, rng=random.Random(4),
+        out = trainer_kills(infra, tmp_path, kills=2, n_events=4000, rng=random.Random(4),
                             log=lambda _: None)
     assert out["trainer_kills"] == 2
     assert out["trainer_lost_events"] == 0
