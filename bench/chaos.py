@@ -270,6 +270,7 @@ def trainer_kills(infra: Infra, work: Path, kills: int, n_events: int, rng: rand
             "trainer_duplicate_events": len(applied_ids) - len(trained),
             "_trainer_produced": len(produced), "_trainer_trained": len(trained),
             "_trainer_dead_lettered": len(dead),
+            "_trainer_future_sent": len(future),
             "_trainer_future_dead_lettered": len({events[i]["event_id"] for i in future} & dead),
             "_trainer_wrongly_dead_lettered": len(trained & dead)}
 

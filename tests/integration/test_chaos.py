@@ -32,7 +32,8 @@ def test_trainer_killed_at_random_points_loses_no_event(tmp_path: Path) -> None:
                             log=lambda _: None)
     assert out["trainer_kills"] == 2
     assert out["trainer_lost_events"] == 0
-    assert out["_trainer_future_dead_lettered"] == 2  # the two events dated 2096
+    assert out["_trainer_future_sent"] >= 1  # events dated 2096: dead-lettered, all of them
+    assert out["_trainer_future_dead_lettered"] == out["_trainer_future_sent"]
     assert out["_trainer_wrongly_dead_lettered"] == 0
     assert out["_trainer_trained"] + out["_trainer_dead_lettered"] == out["_trainer_produced"]
 
