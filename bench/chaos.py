@@ -739,9 +739,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few of each case, minutes")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
+    parser.add_argument("--http-only", action="store_true",
+                        help="run only the HTTP fuzzing case on a fresh live pipeline and "
+                             "update its keys in an existing --out (the other cases' figures "
+                             "are kept)")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     started = time.monotonic()
+    if args.http_only:
+        with tempfile.TemporaryDirectory(prefix="freshrec-chaos-") as tmp, \
+                Infra(Path(tmp) / "infra-logs") as infra, \
+                live_pipeline(infra, Path(tmp), args.seed) as (pipe, poller):
+            http = http_fuzz_case(pipe, plan.http_requests, args.seed)
+            http["_http_versions_monotone"] = poller.monotone and len(poller.versions) > 0
+        saved = json.loads(args.out.read_text())
+        saved.update({k: http[k] for k in ("http_fuzz_requests", "http_5xx")})
+        saved["versions_monotone"] = saved["versions_monotone"] and http[
+            "_http_versions_monotone"]
+        args.out.write_text(json.dumps(saved, indent=2) + "\n")
+        details = args.out.with_name(args.out.stem + "_details.json")
+        extra = json.loads(details.read_text()) if details.exists() else {}
+        extra["http_run"] = {"wall_seconds": time.monotonic() - started, "seed": args.seed,
+                             **{k.lstrip("_"): v for k, v in http.items()}}
+        details.write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        print_table(saved)
+        return
     with tempfile.TemporaryDirectory(prefix="freshrec-chaos-") as tmp:
         out = run(plan, args.seed, Path(tmp))
     print_table(out)
