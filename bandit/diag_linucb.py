@@ -213,6 +213,35 @@ class DiagLinUCB:
         self.clock = max(self.clock, float(t.max()))
         return n
 
+    def evict(self, item_ids: np.ndarray) -> int:
+        """Drop the statistics of ``item_ids`` (e.g. their embedding rows expired); how many.
+
+        Without this the statistics of every item ever seen stay forever, though an item whose
+        rows expired is scored from scratch anyway. Rows are compacted; versions are bumped
+        so a delta reader sees the change.
+        """
+        ids = np.asarray(item_ids, dtype=np.int64).ravel()
+        n = self._n
+        if n == 0 or ids.size == 0:
+            return 0
+        keep = ~np.isin(self._row_ids[:n], ids)
+        gone = n - int(keep.sum())
+        if gone == 0:
+            return 0
+        kept = np.flatnonzero(keep)
+        m = len(kept)
+        for a in (self._row_ids, self._d, self._b, self._t, self._rv):
+            a[:m] = a[kept]
+        self._d[m:n] = self.lam
+        self._b[m:n] = 0.0
+        self._t[m:n] = _NO_TIME
+        self._n = m
+        order = np.argsort(self._row_ids[:m], kind="stable")
+        self._sorted_ids = self._row_ids[:m][order]
+        self._sorted_rows = order.astype(np.int64)
+        self.version += 1
+        return gone
+
     def _remember(self, event_id: str) -> None:
         self._seen.add(event_id)
         self._seen_order.append(event_id)

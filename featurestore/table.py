@@ -568,6 +568,12 @@ class EmbeddingTable:
         self.version += 1
         return self._evict(victims)
 
+    def last_seen_times(self) -> np.ndarray:
+        """Last-seen event time of every live row (a copy): what a sweep would compare."""
+        n_used = int(self._state[_N_USED])
+        live = self._rows["row_ids"][:n_used] != EMPTY_ID
+        return self._rows["last_seen"][:n_used][live].copy()
+
     def changes_since(self, version: int) -> TableChanges:
         """Rows written after ``version`` and IDs deleted after it (and not live again)."""
         if version < self._deletions.trimmed_upto:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,16 +130,32 @@ def fetch_movielens(path: Path | None = None, cache_dir: Path | None = None,
     if _is_recbole_dir(cached):
         return cached
     errors = []
-    for name, fetch in (("GroupLens", lambda: _fetch_grouplens(cached, timeout)),
-                        ("RecBole wheel", lambda: _fetch_recbole_wheel(cached))):
+    for name, fetch in (("GroupLens", lambda d: _fetch_grouplens(d, timeout)),
+                        ("RecBole wheel", _fetch_recbole_wheel)):
         try:
-            fetch()
-            if name == "RecBole wheel":
-                _verify_recbole(cached)
+            _fetch_verified(cached, fetch, verify=name == "RecBole wheel")
             return cached
         except (OSError, DataError, zipfile.BadZipFile, KeyError) as exc:
             errors.append(f"{name}: {exc}")
     raise DataError("could not fetch MovieLens-100K: " + "; ".join(errors))
+
+
+def _fetch_verified(cached: Path, fetch: Callable[[Path], None], verify: bool) -> None:
+    """Fetch into a private directory, verify, and only then name it the cache.
+
+    The cache is trusted on every later run without re-checking, so a corrupt or tampered
+    download must never land there, not even for the moment between writing and verifying.
+    """
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-ml-100k-", dir=cached.parent))
+    try:
+        fetch(tmp)
+        if verify:
+            _verify_recbole(tmp)
+        shutil.rmtree(cached, ignore_errors=True)  # a partial directory from an older release
+        os.replace(tmp, cached)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,24 @@ because the trainer commits only offsets covered by a durable checkpoint.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
+
+log = logging.getLogger("freshrec.kafka")
 
 
 def producer_config(bootstrap: str, **extra: object) -> dict[str, object]:
@@ -156,8 +168,56 @@ def assign_from(consumer: Consumer, partitions: list[TopicPartition],
     consumer.assign(partitions)
 
 
-def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> None:
-    """Synchronously commit next-offsets (after the checkpoint that stores them is durable)."""
-    if offsets:
+def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> bool:
+    """Synchronously commit next-offsets (after the checkpoint that stores them is durable).
+
+    A failure (broker restarting, group rebalancing) is logged and returns False instead of
+    raising: the trainer and the joiner resume from the offsets in their own checkpoint, so the
+    group's committed offsets only feed lag monitoring, and crashing on them would turn a broker
+    restart into a crash loop. The next checkpoint commits again.
+    """
+    if not offsets:
+        return True
+    try:
         consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
                         asynchronous=False)
+    except KafkaException as exc:
+        log.warning("offset commit failed (next checkpoint retries): %s", exc)
+        return False
+    return True
+
+
+def drain_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Message]:
+    """Every message of ``topic`` up to its end, however long delivery of the tail takes.
+
+    The end is marked by a sentinel produced into every partition now (key ``b"__end__:"`` and
+    a random suffix; sentinels of every call are left out of the result): once each partition's
+    own sentinel is read, everything produced before this call has been read too. Call it after
+    the writers stopped. A time-based read would return early and miss a duplicate that shows up
+    a second later.
+    """
+    consumer = Consumer(consumer_config(bootstrap, f"drain-{topic}"))
+    partitions = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+    producer = Producer(producer_config(bootstrap))
+    marker = b"__end__:" + uuid.uuid4().hex.encode()
+    for p in partitions:
+        producer.produce(topic, value=b"", key=marker, partition=p)
+    assert producer.flush(30) == 0
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+    out: list[Message] = []
+    open_parts = set(partitions)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_parts:
+            assert time.monotonic() < deadline, f"{topic}: no end marker in {open_parts}"
+            for m in consumer.consume(10_000, timeout=0.5):
+                if m.error():
+                    continue
+                key = m.key() or b""
+                if key == marker:
+                    open_parts.discard(m.partition())
+                elif not key.startswith(b"__end__:"):
+                    out.append(m)
+    finally:
+        consumer.close()
+    return out

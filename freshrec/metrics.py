@@ -111,6 +111,17 @@ class TrainerMetrics:
                                         "User clusters re-seeded after emptying.", registry=r)
         self.threads = thread_pool_gauge(p, r)
         self.heartbeat = Heartbeat()  # beaten by the training loop, read by /healthz
+        self.event_clock = Gauge(p + "event_clock_seconds",
+                                 "Event-time watermark that drives TTL expiry and decay.",
+                                 registry=r)
+        self.expiry_capped = Counter(p + "expiry_capped_total",
+                                     "TTL sweeps cut short because they would have expired more "
+                                     "than trainer_max_expiry_fraction of a table.", ["slot"],
+                                     registry=r)
+        self.rollbacks = Counter(p + "rollbacks_total",
+                                 "Falls back to the last good checkpoint, by reason "
+                                 "(diverged: non-finite model; failed: a batch failed part-way).",
+                                 ["reason"], registry=r)
 
     def table_totals(self, slot: str, admitted: int, evicted: int, rejected: int) -> None:
         """Advance the slot's counters to the table's cumulative figures.
@@ -152,6 +163,11 @@ class JoinerMetrics:
         self.clicked_items = Counter(p + "clicked_items_total",
                                      "Shown items clicked inside their window, by explored.",
                                      ["explored"], registry=r)
+        self.early_clicks = Gauge(p + "early_clicks", "Clicks waiting for the impressions "
+                                  "stream to reach their time.", registry=r)
+        self.dropped = Counter(p + "dropped_total", "Input dropped to keep memory bounded, by "
+                               "reason (early_clicks_full: the click was joined before its "
+                               "time).", ["reason"], registry=r)
         self.join_delay = Histogram(p + "join_delay_seconds",
                                     "Event-time delay from impression to emitted example.",
                                     buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),

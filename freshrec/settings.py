@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     trainer_progressive_window: PositiveInt = 10_000
     trainer_learning_rate: PositiveFloat = 0.01
     trainer_seed: int = 0
+    # One TTL sweep expires at most this share of a table's rows; the rest wait for later
+    # sweeps, so a clock that jumped shows up as a capped sweep (metric, alert), not an empty
+    # table.
+    trainer_max_expiry_fraction: Annotated[float, Field(gt=0, le=1)] = 0.25
     # Append every applied event id to this file (debugging, delivery audits); off by default.
     trainer_audit_log: Path | None = None
     # /healthz on the metrics port fails once the training loop has not come round for this
@@ -199,3 +203,25 @@ def load_settings(**overrides: object) -> Settings:
 
 # Never echoed in an error message or a log line.
 _SECRET_FIELDS = frozenset({"service_api_token", "service_internal_token"})
+
+
+def to_environ(settings: Settings, base: dict[str, str] | None = None, **overrides: object
+               ) -> dict[str, str]:
+    """Environment for a freshrec child process configured exactly like ``settings``.
+
+    ``base`` (default: this process's environment) minus its ``FRESHREC_*`` variables, plus one
+    variable per setting: what tests and benchmarks use to start real processes.
+    """
+    import json
+
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if not k.startswith(ENV_PREFIX)}
+    values = settings.model_dump()
+    values.update(overrides)
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple, dict)):
+            value = json.dumps(value)
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return env

@@ -4,7 +4,13 @@ A process of its own rather than a stage inside the trainer: the trainer's loop 
 one core (torch step + table updates), the join is dict work on another, and the events topic
 between them is the durable hand-off both sides already checkpoint against. See docs/joiner.md.
 
-Time: the two topics are consumed independently, so a click can be read before its impression.
+Time: event times are untrusted (see freshrec/eventclock.py). An impression or click dated beyond
+wall clock + ``event_max_future_skew_s`` is dead-lettered, and each stream's clock is a
+:class:`~freshrec.eventclock.PartitionedClock` (per partition the median of its recent event
+times, monotone; the stream's clock is the slowest partition's) rather than its newest event
+time, so one skewed event cannot close every window at once, and a partition read ahead of
+another (backlog after a restart) does not release clicks before their impressions are read.
+The two topics are consumed independently, so a click can be read before its impression.
 Such a click waits (saved with the state in checkpoints) until the impressions stream passes its
 time. Windows close on the watermark: the older of the two streams' newest event times (a silent
 click stream counts as one window behind), minus ``joiner_lateness_s``. When input stops for a
@@ -35,6 +41,7 @@ from featurestore.events import (
     parse_click,
     parse_impression,
 )
+from freshrec.eventclock import PartitionedClock, future_skew_reason
 from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import (
     DeliveryTracker,
@@ -51,15 +58,24 @@ from joiner.join import ClickOutcome, Joiner
 from trainer.checkpoint import Checkpointer
 
 log = logging.getLogger("freshrec.joiner")
-_NEG_INF = float("-inf")
+# Each partition's clock: the median of its last 256 event times. Smaller than the trainer's window
+# because the joiner's lag (about 128 events) delays negatives, and 128 coordinated events are
+# still far beyond one bad client timestamp.
+CLOCK_WINDOW = 256
+# Clicks waiting for the impressions stream (a bound on memory; beyond it the oldest is joined
+# at once, which at worst makes it an orphan in the DLQ).
+MAX_EARLY_CLICKS = 100_000
 
 
-def _to_json_ts(ts: float) -> float | None:
-    return None if ts == _NEG_INF else ts  # JSON has no -inf
+def _clock_from(saved: object, upper: float) -> PartitionedClock:
+    """A stream clock from a checkpoint, capped at ``upper``.
 
-
-def _from_json_ts(ts: float | None) -> float:
-    return _NEG_INF if ts is None else float(ts)
+    An older checkpoint's bare newest time is not trusted (one event could have set it): the
+    clock starts empty, and idle time or the next events move it.
+    """
+    clock = PartitionedClock.from_state(saved, window=CLOCK_WINDOW)
+    clock.clamp(upper)
+    return clock
 
 
 class JoinerProcess:
@@ -73,8 +89,9 @@ class JoinerProcess:
         self.checkpointer = Checkpointer(settings.joiner_checkpoint_dir)
         self.offsets: dict[tuple[str, int], int] = {}
         self.emitted = 0
-        self._max_imp_ts = _NEG_INF
-        self._max_click_ts = _NEG_INF
+        self._imp_clock = PartitionedClock(CLOCK_WINDOW)
+        self._click_clock = PartitionedClock(CLOCK_WINDOW)
+        self.max_early_clicks = MAX_EARLY_CLICKS
         # Clicks read before the impressions stream reached their time: (ts, seq, raw message).
         self._early: list[tuple[float, int, bytes, bytes | None, str, int, int]] = []
         self._early_seq = 0
@@ -102,8 +119,9 @@ class JoinerProcess:
                                      max_pending=s.joiner_max_pending)
         self.offsets = {(t, p): o for t, parts in ckpt.offsets.items() for p, o in parts.items()}
         clocks = ckpt.manifest.get("clocks", {})
-        self._max_imp_ts = _from_json_ts(clocks.get("impressions"))
-        self._max_click_ts = _from_json_ts(clocks.get("clicks"))
+        upper = time.time() + s.event_max_future_skew_s
+        self._imp_clock = _clock_from(clocks.get("impressions"), upper)
+        self._click_clock = _clock_from(clocks.get("clicks"), upper)
         early = orjson.loads((ckpt.path / "joiner" / "early_clicks.json").read_bytes())
         for ts, raw, key, topic, partition, offset in early:
             self._defer(ts, raw.encode(), key.encode() if key else None, topic, partition, offset)
@@ -125,8 +143,7 @@ class JoinerProcess:
         offsets: dict[str, dict[str, int]] = {}
         for (topic, partition), offset in self.offsets.items():
             offsets.setdefault(topic, {})[str(partition)] = offset
-        clocks = {"impressions": _to_json_ts(self._max_imp_ts),
-                  "clicks": _to_json_ts(self._max_click_ts)}
+        clocks = {"impressions": self._imp_clock.state(), "clicks": self._click_clock.state()}
         self.checkpointer.save({"joiner": write}, {"offsets": offsets, "clocks": clocks})
         commit_offsets(self._consumer, self.offsets)
         self._last_checkpoint = time.monotonic()
@@ -167,6 +184,12 @@ class JoinerProcess:
                offset: int) -> None:
         heapq.heappush(self._early, (ts, self._early_seq, raw, key, topic, partition, offset))
         self._early_seq += 1
+        if len(self._early) > self.max_early_clicks:
+            # Memory is bounded: the oldest waiting click is joined now (its impression has
+            # most likely been read already; if not, it goes to the DLQ as an orphan).
+            _ts, _seq, raw, key, topic, partition, offset = heapq.heappop(self._early)
+            self.metrics.dropped.labels("early_clicks_full").inc()
+            self._join(parse_click(raw), raw, key, (topic, partition, offset))
 
     def handle(self, msg: Message) -> None:
         """One impression or click (a click ahead of the impressions stream waits)."""
@@ -176,24 +199,30 @@ class JoinerProcess:
         try:
             if msg.topic() == self.settings.topic_impressions:
                 imp = parse_impression(raw)
+                self._check_time(imp.ts)
                 self.joiner.add_impression(imp)
                 self.metrics.impressions.inc()
-                self._max_imp_ts = max(self._max_imp_ts, imp.ts)
-                self._release_early(self._max_imp_ts)
+                self._release_early(self._imp_clock.observe(msg.partition(), imp.ts))
                 return
             click = parse_click(raw)
+            self._check_time(click.ts)
         except EventRejected as exc:  # invalid, or valid alone but unusable as a label
             self._dead_letter(raw, msg.key(), source, exc.reason)
             if msg.topic() == self.settings.topic_clicks:
                 self.metrics.clicks.labels("invalid").inc()
             return
-        self._max_click_ts = max(self._max_click_ts, click.ts)
-        if click.ts > self._max_imp_ts:
+        self._click_clock.observe(msg.partition(), click.ts)
+        if click.ts > self._imp_clock.now:
             # Its impression may simply not have been read yet (topics are consumed
             # independently): wait until the impressions stream passes the click's time.
             self._defer(click.ts, raw, msg.key(), *source)
             return
         self._join(click, raw, msg.key(), source)
+
+    def _check_time(self, ts: float) -> None:
+        reason = future_skew_reason(ts, self.settings.event_max_future_skew_s)
+        if reason is not None:
+            raise EventRejected(reason)
 
     def _join(self, click: AnyClick, raw: bytes, key: bytes | None,
               source: tuple[str, int, int]) -> None:
@@ -234,11 +263,13 @@ class JoinerProcess:
         # Both streams must have passed a window's end before it closes; a silent click stream
         # is assumed at most one window behind the impressions.
         s = self.settings
-        clicks_at = max(self._max_click_ts, self._max_imp_ts - s.joiner_window_s)
-        watermark = min(self._max_imp_ts, clicks_at) - s.joiner_lateness_s + self._idle_advance
+        imp_at = self._imp_clock.now
+        clicks_at = max(self._click_clock.now, imp_at - s.joiner_window_s)
+        watermark = min(imp_at, clicks_at) - s.joiner_lateness_s + self._idle_advance
         self._emit(self.joiner.advance(watermark))
         self.metrics.pending.set(self.joiner.pending)
         self._export_exploration()
+        self.metrics.early_clicks.set(len(self._early))
         for delay in self.joiner.drain_join_delays():
             self.metrics.join_delay.observe(float(delay))
         self._producer.poll(0)

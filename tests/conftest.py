@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from freshrec.devstack import LocalStack
-from freshrec.settings import Settings
+from freshrec.settings import Settings, to_environ
 
 
 @pytest.fixture(scope="session")
@@ -96,17 +96,4 @@ def redis_client(stack: LocalStack) -> redis.Redis:
 
 def settings_env(settings: Settings, **overrides: object) -> dict[str, str]:
     """Environment for a freshrec subprocess configured exactly like ``settings``."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
-    values = settings.model_dump()
-    values.update(overrides)
-    for name, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, (list, tuple, dict)):
-            import json
-
-            value = json.dumps(value)
-        env[f"FRESHREC_{name.upper()}"] = str(value)
-    return env
+    return to_environ(settings, **overrides)

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 FORMAT = 1
-_KEEP = 2
 
 
 def _fsync_tree(root: Path) -> None:
@@ -85,7 +84,10 @@ class Checkpointer:
         """Run each writer into its own subdirectory, then publish atomically."""
         self.directory.mkdir(parents=True, exist_ok=True)
         latest = self.latest()
-        seq = (latest.manifest["seq"] + 1) if latest else 1
+        # Past every directory on disk, not just past LATEST: a crash between the rename and
+        # the LATEST update leaves a complete but unnamed ckpt-<seq+1>, and reusing its name
+        # would fail the rename on every later save (a crash loop).
+        seq = max([latest.manifest["seq"] if latest else 0, *self._sequences()]) + 1
         name = f"ckpt-{seq:08d}"
         tmp = self.directory / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -106,7 +108,7 @@ class Checkpointer:
             os.close(fd)
         os.replace(pointer, self.directory / "LATEST")
         _fsync_dir(self.directory)
-        self._prune(keep=name)
+        self._prune(keep={name, latest.path.name if latest else name})
         return Checkpoint(final, manifest)
 
     def latest(self) -> Checkpoint | None:
@@ -120,10 +122,14 @@ class Checkpointer:
             raise ValueError(f"{path}: checkpoint format {manifest.get('format')} != {FORMAT}")
         return Checkpoint(path, manifest)
 
-    def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.directory.glob("ckpt-*") if p.is_dir())
-        for old in done[:-_KEEP]:
-            if old.name != keep:
+    def _sequences(self) -> list[int]:
+        return [int(p.name[5:]) for p in self.directory.glob("ckpt-*")
+                if p.name[5:].isdigit()]
+
+    def _prune(self, keep: set[str]) -> None:
+        """Drop every checkpoint but the new and the previous one (and orphans of crashes)."""
+        for old in self.directory.glob("ckpt-*"):
+            if old.is_dir() and old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
         for tmp in self.directory.glob(".tmp-ckpt-*"):
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ Duplicates (at-least-once delivery, replays after a crash) are skipped by event 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import AnyLabeledEvent
 from featurestore.featurize import bandit_keys
 from featurestore.schema import ModelConfig, SlotSide
+from freshrec.eventclock import EventClock
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from trainer.checkpoint import load_arrays, save_arrays
@@ -53,6 +55,9 @@ class ExplorationHook:
     metrics: TrainerMetrics | None = None
     assigned: int = 0  # users placed by the clusters (cumulative), churn's denominator
     reassigned: int = 0  # ... whose nearest centroid changed with their batch's update
+    # The trainer's event-time watermark: rewards are time-stamped no later than it, so one
+    # event with a skewed clock cannot age (decay) every item's statistics at once.
+    clock: EventClock | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, config: ModelConfig,
@@ -119,7 +124,7 @@ class ExplorationHook:
         vectors = self.user_vectors(learner, events)
         known = np.any(vectors != 0, axis=1)
         if known.any():
-            ts = float(max(e.ts for e in events))
+            ts = float(self._times(events).max())  # the clock caps a skewed event
             before = (self.clusters.predict(vectors[known])
                       if self.clusters.n_initialized == self.clusters.n_clusters else None)
             reseeded = self.clusters.reseeded
@@ -140,9 +145,20 @@ class ExplorationHook:
             bandit_keys([e.item_id for e in chosen]),
             clusters[mask], weights[mask],
             np.fromiter((e.label for e in chosen), dtype=np.float64, count=len(chosen)),
-            np.fromiter((e.ts for e in chosen), dtype=np.float64, count=len(chosen)),
+            self._times(chosen),
             event_ids=[e.event_id for e in chosen],
         )
+
+    def _times(self, events: list[AnyLabeledEvent]) -> np.ndarray:
+        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
+        if self.clock is not None and math.isfinite(self.clock.now):
+            np.minimum(ts, self.clock.now, out=ts)
+        return ts
+
+    def on_expired(self, evicted: dict[str, np.ndarray], item_slot: str) -> int:
+        """Drop the statistics of items whose embedding rows the TTL sweep evicted."""
+        ids = evicted.get(item_slot)
+        return self.bandit.evict(ids) if ids is not None and len(ids) else 0
 
     def save(self, directory: Path) -> None:
         """Statistics and clusters as raw arrays (no pickle)."""

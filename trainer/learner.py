@@ -119,6 +119,9 @@ class OnlineLearner:
         self.starts = np.array(config.slot_starts, dtype=np.int64)
         self.fm_dim = config.fm_dim
         self.bias_lr = config.wide.bias_learning_rate
+        # Learning steps that started changing state: a caller that sees this unchanged after
+        # an exception knows the failed step left the model as it was.
+        self.mutations = 0
 
     def _optimizer_params(self) -> tuple[np.ndarray, ...]:
         """Per-slot ``(kind, lr, ftrl beta, l1, l2)`` arrays for the kernels."""
@@ -185,6 +188,7 @@ class OnlineLearner:
         y = np.ascontiguousarray(labels, dtype=np.float64)
         offset = (np.zeros(n) if logit_offset is None
                   else np.ascontiguousarray(logit_offset, dtype=np.float64))
+        self.mutations += 1  # from here on a failure may leave the state half-applied
         rows = self._rows(batch, np.asarray(ts, dtype=np.float64), train=True)
         ws = _WorkingSet(self, batch, rows)
         kinds, lrs, betas, l1s, l2s = self._optimizer_params()

@@ -7,6 +7,16 @@ exploration statistics, then give the publisher a chance to push a delta to Redi
 checkpoint interval, on partition revocation and on shutdown: a durable checkpoint holding the
 state and the next offset of every partition, *then* the offsets are committed to Kafka.
 
+Failure handling: a batch that fails before it changed any state is isolated event by event and
+the culprit dead-lettered. A batch that fails after state changed (part-way through learning),
+or leaves a non-finite model, is never retried on top of that state and never published: the
+trainer rolls back to the last checkpoint, re-reads from its offsets, learns the suspect events
+one by one, and dead-letters the one that fails (see docs/trainer.md, "Failures").
+
+Event time is untrusted: events dated beyond wall clock + ``event_max_future_skew_s`` are
+dead-lettered, and expiry follows :class:`freshrec.eventclock.EventClock`, a watermark no single
+event can push, with at most ``trainer_max_expiry_fraction`` of a table expired per sweep.
+
 Single-threaded by design: the embedding tables have one writer, and the publisher gathers
 changes between batches on the same thread.
 """
@@ -23,11 +33,21 @@ from typing import Any, Protocol
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+import torch
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from featurestore.events import AnyLabeledEvent, EventRejected, parse_labeled_event
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
+from freshrec.eventclock import EventClock, future_skew_reason
 from freshrec.kafka import (
     DeliveryTracker,
     assign_from,
@@ -51,6 +71,16 @@ from trainer.progressive import ProgressiveWindow
 log = logging.getLogger("freshrec.trainer")
 
 MAX_DLQ_VALUE_BYTES = 256 * 1024
+# Below this many rows a table is small enough that expiring it all in one sweep is no threat.
+_MIN_CAPPED_ROWS = 1000
+
+
+class ModelDiverged(RuntimeError):
+    """The model holds non-finite predictions or weights after a step."""
+
+
+class StateDamaged(RuntimeError):
+    """Learning failed after it had changed state: the in-memory model cannot be trusted."""
 
 
 class BatchHook(Protocol):
@@ -88,6 +118,14 @@ class Trainer:
         self.trained = 0
         self.dead_lettered = 0
         self.max_event_ts = 0.0
+        self.clock = EventClock()
+        # Event ids of a batch that failed after changing state (learned one by one on replay)
+        # and the single events found to break training (dead-lettered on replay), with why.
+        self._suspects: set[str] = set()
+        self._culprits: dict[str, str] = {}
+        for hook in self.hooks:
+            if hasattr(hook, "clock"):
+                hook.clock = self.clock
         self._restored_offsets: dict[tuple[str, int], int] = {}
         self._dlq_tracker = DeliveryTracker()
         self._dlq = Producer(producer_config(settings.kafka_bootstrap))
@@ -125,19 +163,43 @@ class Trainer:
                                            .read_bytes()))
         for i, hook in enumerate(self.hooks):
             hook.load(ckpt.path / f"hook-{i}")
+            if hasattr(hook, "clock"):
+                hook.clock = self.clock
         self.offsets = {(t, p): o for t, parts in ckpt.offsets.items() for p, o in parts.items()}
         self._restored_offsets = dict(self.offsets)
-        self.max_event_ts = float(ckpt.manifest.get("max_event_ts", 0.0))
+        self._restore_clock(ckpt.manifest)
+        self.trained = int(ckpt.manifest.get("trained", 0))
+        self.dead_lettered = int(ckpt.manifest.get("dead_lettered", 0))
         log.info("restored %s (offsets %s)", ckpt.path.name, self.offsets)
         return True
+
+    def _restore_clock(self, manifest: dict[str, Any]) -> None:
+        """The event clock of a checkpoint, capped at wall clock + skew.
+
+        A checkpoint written before events were skew-checked would otherwise carry a 2096 clock
+        into every restart, and every row would expire at the first sweep.
+        """
+        saved = manifest.get("event_clock")
+        # Older checkpoints kept only the newest event time, which one event could set: it is
+        # not trusted as a clock. The clock starts empty and the next events set it (no sweep
+        # expires anything before that).
+        self.clock = EventClock.from_state(saved) if isinstance(saved, dict) else EventClock()
+        upper = time.time() + self.settings.event_max_future_skew_s
+        self.clock.clamp(upper)
+        self.max_event_ts = min(float(manifest.get("max_event_ts", 0.0)), upper)
+        for hook in self.hooks:
+            if hasattr(hook, "clock"):
+                hook.clock = self.clock
 
     def checkpoint(self) -> None:
         """Durable checkpoint of everything, then commit its offsets to Kafka."""
         started = time.perf_counter()
-        # Dead letters must be durable before the offsets that skip their sources are.
-        self._dlq.flush(30)
-        if self._dlq_tracker.failed:
-            raise RuntimeError(f"dead-letter delivery failed: {self._dlq_tracker.errors[:3]}")
+        # Dead letters must be durable before the offsets that skip their sources are:
+        # flush() returns how many are still undelivered (timeout), which is a failure too.
+        undelivered = self._dlq.flush(30)
+        if undelivered or self._dlq_tracker.failed:
+            raise RuntimeError(f"dead-letter delivery failed ({undelivered} undelivered): "
+                               f"{self._dlq_tracker.errors[:3]}")
         learner = self.learner
         opt_arrays, opt_meta = optimizer_arrays(learner.optimizer)
         writers: dict[str, Callable[[Path], None]] = {
@@ -154,7 +216,10 @@ class Trainer:
         self.checkpointer.save(writers, {
             "offsets": offsets, "schema_hash": self.config.schema_hash,
             "max_event_ts": self.max_event_ts, "trained": self.trained,
+            "dead_lettered": self.dead_lettered,
+            "event_clock": self.clock.state(),
         })
+        self._suspects.clear()  # replays now start past them
         commit_offsets(self._consumer, self.offsets)
         self._last_checkpoint = time.monotonic()
         self.metrics.last_checkpoint.set(time.time())
@@ -206,37 +271,97 @@ class Trainer:
                 continue
             self.offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
             try:
-                events.append(parse_labeled_event(msg.value() or b""))
-                sources.append(msg)
+                event = parse_labeled_event(msg.value() or b"")
             except EventRejected as exc:
                 self._dead_letter(msg, exc.reason)
-        trained = self._learn_or_isolate(events, sources) if events else 0
+                continue
+            reason = (future_skew_reason(event.ts, self.settings.event_max_future_skew_s)
+                      or self._culprits.pop(event.event_id, None))
+            if reason is not None:
+                self._dead_letter(msg, reason)
+                continue
+            events.append(event)
+            sources.append(msg)
+        try:
+            trained = self._learn_or_isolate(events, sources) if events else 0
+        except StateDamaged as exc:
+            self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
+            return 0
         self._dlq.poll(0)
         return trained
 
     def _learn_or_isolate(self, events: list[AnyLabeledEvent], sources: list[Message]) -> int:
-        """Learn the batch; if that fails, learn event by event and dead-letter the culprits.
+        """Learn the batch; if it fails cleanly, learn event by event and dead-letter culprits.
 
         A valid-looking event that still breaks training (a bug, a pathological value) must not
         crash-loop the trainer on replay: it goes to the DLQ with the exception, the rest of
-        the batch is trained.
+        the batch is trained. That retry is only sound when the failed attempt changed nothing;
+        otherwise :class:`StateDamaged` propagates and the caller rolls back, so no event is
+        ever learned twice into the same state. A batch holding suspects of an earlier such
+        failure is learned one event at a time, which pins the culprit down.
         """
-        try:
-            self.learn(events)
-            return len(events)
-        except Exception:
-            log.exception("batch of %d failed; retrying event by event", len(events))
+        if not self._suspects.intersection(e.event_id for e in events):
+            try:
+                self.learn(events)
+                return len(events)
+            except StateDamaged:
+                self._suspects.update(e.event_id for e in events)
+                raise
+            except Exception:
+                log.exception("batch of %d failed; retrying event by event", len(events))
         trained = 0
         for event, msg in zip(events, sources, strict=True):
             try:
                 self.learn([event])
                 trained += 1
+            except StateDamaged as exc:
+                self._culprits[event.event_id] = _training_reason(exc.__cause__ or exc)
+                raise
             except Exception as exc:
-                self._dead_letter(msg, f"<training>: {type(exc).__name__}: {exc}"[:500])
+                self._dead_letter(msg, _training_reason(exc))
+            self._suspects.discard(event.event_id)
         return trained
 
+    def _rollback(self, reason: str) -> None:
+        """Fall back to the last checkpoint and re-read from its offsets.
+
+        The in-memory model is not trusted (it diverged, or a batch failed half-applied). The
+        publisher sees new table objects and republishes in full; what it published since the
+        checkpoint was finite and is simply overwritten.
+        """
+        self.metrics.rollbacks.labels(reason).inc()
+        log.error("rolling back to the last checkpoint (%s); suspects %d, culprits %d",
+                  reason, len(self._suspects), len(self._culprits))
+        if not self.restore():
+            raise RuntimeError("no checkpoint to roll back to") from None
+        for tp in self._consumer.assignment():
+            offset = self.offsets.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            target = TopicPartition(tp.topic, tp.partition, offset)
+            for _ in range(100):
+                try:
+                    self._consumer.seek(target)
+                    break
+                except KafkaException:  # not fetching yet: wait for the fetcher to start
+                    self._consumer.poll(0.05)
+
+    def _check_finite(self, probs: np.ndarray) -> None:
+        """Raise :class:`ModelDiverged` if the step left non-finite predictions or weights.
+
+        The dense weights are small enough to check whole after every batch; embedding rows
+        are checked where this batch touched them (no other rows changed).
+        """
+        if not np.isfinite(probs).all():
+            raise ModelDiverged("non-finite prediction")
+        for name, param in self.learner.model.named_parameters():
+            if not bool(torch.isfinite(param).all()):
+                raise ModelDiverged(f"non-finite dense weight {name}")
+
     def learn(self, events: list[AnyLabeledEvent]) -> None:
-        """Predict-then-learn on validated events; update hooks and metrics."""
+        """Predict-then-learn on validated events; update hooks and metrics.
+
+        Raises :class:`StateDamaged` when learning failed after it had changed state (or left
+        a non-finite model); any other exception means nothing changed.
+        """
         started = time.perf_counter()
         batch = self.learner.featurizer.featurize_events(events)
         labels = np.fromiter((e.label for e in events), dtype=np.float64, count=len(events))
@@ -246,10 +371,24 @@ class Trainer:
             # Negatives kept at rate r: learn on logit - log r so the served logit stays
             # calibrated (the joiner's log-odds correction, applied at train time).
             offsets = np.array([-log_odds_correction(e.sample_rate or 1.0) for e in events])
-        result = self.learner.step_batch(batch, labels, ts, logit_offset=offsets)
-        step_seconds = time.perf_counter() - started
-        for hook in self.hooks:
-            hook.on_batch(events, self.learner)
+        mutations = self.learner.mutations
+        clock = self.clock.state() if self.hooks else None
+        try:
+            self.clock.observe(ts)
+            result = self.learner.step_batch(batch, labels, ts, logit_offset=offsets)
+            step_seconds = time.perf_counter() - started
+            for hook in self.hooks:
+                hook.on_batch(events, self.learner)
+            self._check_finite(result.probs)
+        except Exception as exc:
+            if self.learner.mutations != mutations or isinstance(exc, ModelDiverged):
+                raise StateDamaged(f"{type(exc).__name__}: {exc}") from exc
+            if clock is not None:
+                self.clock = EventClock.from_state(clock)
+                for hook in self.hooks:
+                    if hasattr(hook, "clock"):
+                        hook.clock = self.clock
+            raise
         self.window.add(labels, result.probs)
         self.trained += len(events)
         self.max_event_ts = max(self.max_event_ts, float(ts.max()))
@@ -260,6 +399,41 @@ class Trainer:
         if self._audit is not None:
             self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in events))
             self._audit.flush()
+
+    def sweep(self) -> dict[str, np.ndarray]:
+        """Expire rows by the event clock, at most ``trainer_max_expiry_fraction`` per table.
+
+        When more would expire, only the oldest share goes (the expiry time is lowered to the
+        matching last-seen quantile) and ``expiry_capped_total`` counts it: a genuine catch-up
+        (a long outage) completes over a few sweeps, a pushed clock raises an alert before the
+        table is gone. Items whose rows expired lose their exploration statistics too.
+        """
+        now = self.clock.now
+        if not math.isfinite(now):
+            return {}
+        self.metrics.event_clock.set(now)
+        evicted: dict[str, np.ndarray] = {}
+        frac = self.settings.trainer_max_expiry_fraction
+        for name, table in self.tables.items():
+            ttl = table.config.ttl_seconds
+            seen = table.last_seen_times()
+            limit = max(int(frac * len(seen)), _MIN_CAPPED_ROWS)
+            at = now
+            if int((seen < now - ttl).sum()) > limit:
+                at = float(np.partition(seen, limit)[limit]) + ttl  # expires `limit` rows
+                self.metrics.expiry_capped.labels(name).inc()
+                log.warning("%s: sweep at event time %.0f would expire more than %.0f%% of "
+                            "%d rows; expiring the oldest %d", name, now, frac * 100,
+                            len(seen), limit)
+            gone = table.sweep_expired(at)
+            if len(gone):
+                evicted[name] = gone
+        if evicted:
+            item_slot = self.config.item_slot.name
+            for hook in self.hooks:
+                if hasattr(hook, "on_expired"):
+                    hook.on_expired(evicted, item_slot)
+        return evicted
 
     def _update_gauges(self) -> None:
         scores = self.window.scores()
@@ -288,8 +462,8 @@ class Trainer:
         now = time.monotonic()
         if self.publisher is not None:
             self.publisher.maybe_publish()
-        if now - self._last_sweep >= self.settings.trainer_sweep_interval_s and self.max_event_ts:
-            self.tables.sweep_expired(self.max_event_ts)
+        if now - self._last_sweep >= self.settings.trainer_sweep_interval_s:
+            self.sweep()
             self._last_sweep = now
         if now - self._last_gauges >= 1.0:
             self._update_gauges()
@@ -304,6 +478,7 @@ class Trainer:
         stop = stop or threading.Event()
         self._consumer.subscribe([self.settings.topic_events], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke)
+        self.ensure_checkpoint()
         wait = self.settings.trainer_batch_max_wait_ms / 1000.0
         size = self.settings.trainer_batch_max_events
         try:
@@ -333,8 +508,17 @@ class Trainer:
             if self._audit is not None:
                 self._audit.close()
 
+    def ensure_checkpoint(self) -> None:
+        """Write a first checkpoint of the initial state, so a rollback always has a target."""
+        if self.checkpointer.latest() is None:
+            self.checkpoint()
+
     def stats(self) -> dict[str, Any]:
         """Counters for logs and the CLI summary."""
         s = self.window.scores()
         return {"trained": self.trained, "dead_lettered": self.dead_lettered,
                 "auc": s.auc, "logloss": s.logloss, "calibration": s.calibration}
+
+
+def _training_reason(exc: BaseException) -> str:
+    return f"<training>: {type(exc).__name__}: {exc}"[:500]

@@ -67,3 +67,27 @@ def test_synthetic_stream_is_deterministic() -> None:
     a = SyntheticStream(SyntheticConfig(seed=7)).chunk(100)
     b = SyntheticStream(SyntheticConfig(seed=7)).chunk(100)
     assert a == b
+
+
+def test_a_download_failing_verification_is_never_cached(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import freshrec.data as data
+
+    def offline(dst: Path, timeout: float) -> None:
+        raise OSError("offline")
+
+    def tampered_wheel(dst: Path) -> None:
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in data.RECBOLE_SHA256:
+            (dst / name).write_text("user_id:token\n")
+
+    monkeypatch.setattr(data, "_fetch_grouplens", offline)
+    monkeypatch.setattr(data, "_fetch_recbole_wheel", tampered_wheel)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        fetch_movielens(cache_dir=cache)
+    # The next run must not pick up the unverified files as a valid cache.
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        fetch_movielens(cache_dir=cache)
+    assert not (cache / "ml-100k").exists()
+    assert [p.name for p in cache.iterdir()] == []

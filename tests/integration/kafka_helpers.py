@@ -5,7 +5,13 @@ from __future__ import annotations
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 
-from freshrec.kafka import DeliveryTracker, consumer_config, produce_all, producer_config
+from freshrec.kafka import (  # noqa: F401 - drain_topic is re-exported for tests
+    DeliveryTracker,
+    consumer_config,
+    drain_topic,
+    produce_all,
+    producer_config,
+)
 
 
 def produce(bootstrap: str, topic: str, values: list[bytes], keys: list[bytes] | None = None
@@ -44,3 +50,4 @@ def read_topic(bootstrap: str, topic: str, expected: int, idle_s: float = 5.0) -
     finally:
         consumer.close()
     return out
+

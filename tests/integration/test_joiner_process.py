@@ -14,7 +14,7 @@ import pytest
 from featurestore.events import Click, Impression, ShownItem
 from freshrec.settings import Settings
 from tests.conftest import settings_env
-from tests.integration.kafka_helpers import produce, read_topic
+from tests.integration.kafka_helpers import drain_topic, produce, read_topic
 
 pytestmark = pytest.mark.integration
 
@@ -93,17 +93,25 @@ def test_joiner_labels_survive_kill_9_mid_window(settings: Settings, tmp_path: P
     second = start_joiner(env, tmp_path / "joiner-2.log")
     try:
         # A SIGKILLed member holds its partitions until its session times out (~10 s).
-        got = labels_by_id(settings, len(expected), idle_s=30.0)
+        labels_by_id(settings, len(expected), idle_s=30.0)
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
     finally:
         if second.poll() is None:
             second.kill()
+    # Everything the joiners ever produced, to the end of the topic: a duplicate or a flipped
+    # label emitted late (a replay after the restore) is in here, not lost to a timer.
+    got: dict[str, list[int]] = {}
+    for m in drain_topic(bootstrap, settings.topic_events):
+        e = orjson.loads(m.value())
+        got.setdefault(e["event_id"], []).append(e["label"])
 
-    # Every shown item got its label, and only that label (a crash may repeat, never flip).
+    # Every shown item got its label, and only that label.
     assert set(got) == set(expected)
-    assert {k: next(iter(v)) for k, v in got.items()} == expected
-    assert all(len(v) == 1 for v in got.values())
+    assert {k: v[0] for k, v in got.items()} == expected
+    # A crash may repeat a label (at-least-once output), never flip it.
+    flipped = {k: v for k, v in got.items() if len(set(v)) > 1}
+    assert not flipped, f"labels flipped: {dict(list(flipped.items())[:5])}"
     # Bad input is dead-lettered with its reason, and the joiner kept going.
     dlq = read_topic(bootstrap, settings.topic_dlq, 3)
     reasons = sorted(dict(m.headers())["reason"].decode() for m in dlq)
