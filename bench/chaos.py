@@ -424,11 +424,17 @@ def malformed_messages(n: int, base: dict) -> list[tuple[bytes, bytes]]:
 
 
 class VersionPoller:
-    """Polls ``GET /v1/model`` and records served versions and readiness."""
+    """Polls ``GET /v1/model`` and records served versions and readiness.
+
+    Each request is a new connection, so successive answers may come from different service
+    workers, each following the update stream on its own: versions are checked per worker
+    (``worker_pid``), the guarantee a client of one replica gets.
+    """
 
     def __init__(self, base_url: str, interval: float = 0.1) -> None:
         self.url, self.interval = base_url + "/v1/model", interval
         self.versions: list[int] = []
+        self.by_worker: dict[int, list[int]] = {}
         self.not_ready = 0
         self.errors = 0
         self._stop = threading.Event()
@@ -441,6 +447,8 @@ class VersionPoller:
                     info = orjson.loads(resp.read())
                 if info.get("ready") and info.get("version") is not None:
                     self.versions.append(int(info["version"]))
+                    self.by_worker.setdefault(int(info.get("worker_pid", 0)), []).append(
+                        int(info["version"]))
                 else:
                     self.not_ready += 1
             except (urllib.error.URLError, OSError, ValueError):
@@ -449,11 +457,12 @@ class VersionPoller:
 
     @property
     def latest(self) -> int:
-        return self.versions[-1] if self.versions else 0
+        return max((v[-1] for v in self.by_worker.values()), default=0)
 
     @property
     def monotone(self) -> bool:
-        return all(b >= a for a, b in zip(self.versions, self.versions[1:], strict=False))
+        return all(b >= a for versions in self.by_worker.values()
+                   for a, b in zip(versions, versions[1:], strict=False))
 
     def start(self) -> VersionPoller:
         self._thread.start()

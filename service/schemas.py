@@ -361,6 +361,9 @@ class ModelInfo(BaseModel):
     clusters: int
     full_loads: int
     redis_connected: bool
+    # Which worker process answered: versions are monotone per worker (each follows the
+    # stream on its own), so a client comparing versions across calls needs to know.
+    worker_pid: int
 
 
 class Problem(BaseModel):

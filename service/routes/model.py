@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Annotated, Any
 
@@ -27,6 +28,7 @@ async def model_info(st: Annotated[ServiceState, Depends(service_state)]) -> Res
         "table_sizes": {}, "bandit_items": 0, "clusters": 0,
         "full_loads": follower.full_loads if follower else 0,
         "redis_connected": follower.connected if follower else False,
+        "worker_pid": os.getpid(),
     }  # fmt: skip
     if snap is not None:
         info.update(version=snap.version, dense_version=snap.dense_version,
