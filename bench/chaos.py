@@ -25,6 +25,7 @@ case in a few minutes. The cheap cases also run as tests (tests/integration/test
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import signal
@@ -462,7 +463,7 @@ class VersionPoller:
     @property
     def monotone(self) -> bool:
         return all(b >= a for versions in self.by_worker.values()
-                   for a, b in zip(versions, versions[1:], strict=False))
+                   for a, b in itertools.pairwise(versions))
 
     def start(self) -> VersionPoller:
         self._thread.start()
