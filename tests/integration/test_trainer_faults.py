@@ -11,8 +11,10 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
+from msgspec.structs import replace
 
 from featurestore.events import parse_labeled_event
+from featurestore.featurize import SparseBatch, encode_value
 from freshrec.settings import Settings
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
 from tests.integration.kafka_helpers import produce_events, read_topic
@@ -25,6 +27,12 @@ pytestmark = pytest.mark.integration
 
 def synthetic(n: int, seed: int) -> list[dict]:
     return list(SyntheticStream(SyntheticConfig(seed=seed)).events(n))
+
+
+def holds_item(learner: OnlineLearner, batch: SparseBatch, item_id: str) -> bool:
+    """Whether a featurized batch holds ``item_id`` in the model's item slot."""
+    slot = learner.config.item_slot.name
+    return bool(np.isin(encode_value(item_id), batch.slots[slot].ids))
 
 
 def test_a_future_dated_event_is_dead_lettered_and_expires_nothing(settings: Settings) -> None:
@@ -48,17 +56,17 @@ def test_a_batch_failing_part_way_is_not_trained_twice(
     events = synthetic(300, seed=22)
     events[150] = dict(events[150], item_id="poison")
     produce_events(settings.kafka_bootstrap, settings.topic_events, events)
-    real_step = OnlineLearner.step
+    real_step = OnlineLearner.step_batch
     learned: dict[int, Counter] = {}  # id(tables) -> how often each event time was learned
 
-    def step(self, records, labels, ts, *args, **kwargs):
-        result = real_step(self, records, labels, ts, *args, **kwargs)
+    def step(self, batch, labels, ts, *args, **kwargs):
+        result = real_step(self, batch, labels, ts, *args, **kwargs)
         learned.setdefault(id(self.tables), Counter()).update(np.asarray(ts).tolist())
-        if any(r["item_id"] == "poison" for r in records):
+        if holds_item(self, batch, "poison"):
             raise FloatingPointError("non-finite gradient")
         return result
 
-    monkeypatch.setattr(OnlineLearner, "step", step)
+    monkeypatch.setattr(OnlineLearner, "step_batch", step)
     trainer, metrics = run_trainer(settings, 300)
     assert trainer.trained == 299
     # The state that survived holds every good event exactly once (no checkpoint but the
@@ -78,26 +86,33 @@ def test_a_diverged_model_is_never_published_and_rolls_back(
     events = synthetic(400, seed=23)
     events[200] = dict(events[200], item_id="nan-maker")
     produce_events(settings.kafka_bootstrap, settings.topic_events, events)
-    real_step = OnlineLearner.step
+    real_step = OnlineLearner.step_batch
     published_finite: list[bool] = []
 
-    def step(self, records, labels, ts, *args, **kwargs):
-        result = real_step(self, records, labels, ts, *args, **kwargs)
-        if any(r["item_id"] == "nan-maker" for r in records):
+    def step(self, batch, labels, ts, *args, **kwargs):
+        result = real_step(self, batch, labels, ts, *args, **kwargs)
+        if holds_item(self, batch, "nan-maker"):
             next(self.model.parameters()).data.fill_(math.nan)  # the step diverged
         return result
 
     from trainer.publisher import Publisher
 
-    real_full = Publisher.publish_full
+    real_full, real_delta = Publisher._gather_full, Publisher._gather_delta
 
-    def publish_full(self, now=None):
-        published_finite.append(all(bool(p.isfinite().all())
-                                    for p in self.state.model.parameters()))
+    def finite_model(self) -> bool:
+        return all(bool(p.isfinite().all()) for p in self.state.model.parameters())
+
+    def gather_full(self, now):  # what the publisher copies out to write to Redis
+        published_finite.append(finite_model(self))
         return real_full(self, now)
 
-    monkeypatch.setattr(OnlineLearner, "step", step)
-    monkeypatch.setattr(Publisher, "publish_full", publish_full)
+    def gather_delta(self, now):
+        published_finite.append(finite_model(self))
+        return real_delta(self, now)
+
+    monkeypatch.setattr(OnlineLearner, "step_batch", step)
+    monkeypatch.setattr(Publisher, "_gather_full", gather_full)
+    monkeypatch.setattr(Publisher, "_gather_delta", gather_delta)
     trainer, metrics = run_trainer(settings, 400)
     assert trainer.trained == 399
     assert all(bool(p.isfinite().all()) for p in trainer.learner.model.parameters())
@@ -119,8 +134,8 @@ def test_a_clock_jump_expires_at_most_the_capped_share(settings: Settings) -> No
         # The clock jumps a year (a stream resuming after a long outage, or many skewed
         # clients): every old row is past its TTL, but one sweep takes at most a quarter.
         year = 365 * 86400.0
-        later = [e.model_copy(update={"ts": e.ts + year, "event_id": e.event_id + "+1y",
-                                      "user_id": "u-new", "item_id": "i-new"}) for e in old]
+        later = [replace(e, ts=e.ts + year, event_id=e.event_id + "+1y", user_id="u-new",
+                         item_id="i-new") for e in old]
         trainer.learn(later)
         evicted = trainer.sweep()
         for slot, st in trainer.tables.stats().items():
@@ -142,12 +157,11 @@ def test_historical_replay_expires_rows_and_bandit_statistics(settings: Settings
     try:
         t0 = 880_000_000.0  # MovieLens, 1997
         base = parse_labeled_event(orjson.dumps(synthetic(1, seed=25)[0]))
-        first = [base.model_copy(update={"ts": t0 + i, "event_id": f"a{i}", "item_id": "old",
-                                          "label": i % 2}) for i in range(200)]
+        first = [replace(base, ts=t0 + i, event_id=f"a{i}", item_id="old", label=i % 2)
+                 for i in range(200)]
         ttl = trainer.tables[trainer.config.item_slot.name].config.ttl_seconds
-        later = [base.model_copy(update={"ts": t0 + ttl + 10 * 86400 + i, "event_id": f"b{i}",
-                                          "item_id": f"new{i % 5}", "label": i % 2})
-                 for i in range(2000)]
+        later = [replace(base, ts=t0 + ttl + 10 * 86400 + i, event_id=f"b{i}",
+                         item_id=f"new{i % 5}", label=i % 2) for i in range(2000)]
         trainer.learn(first)
         trainer.learn(later)
         hook = trainer.hooks[0]
