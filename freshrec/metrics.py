@@ -163,6 +163,9 @@ class JoinerMetrics:
         self.clicked_items = Counter(p + "clicked_items_total",
                                      "Shown items clicked inside their window, by explored.",
                                      ["explored"], registry=r)
+        for explored in ("true", "false"):  # exported from zero, so rate() sees the first one
+            self.shown_items.labels(explored)
+            self.clicked_items.labels(explored)
         self.early_clicks = Gauge(p + "early_clicks", "Clicks waiting for the impressions "
                                   "stream to reach their time.", registry=r)
         self.dropped = Counter(p + "dropped_total", "Input dropped to keep memory bounded, by "

@@ -172,6 +172,7 @@ class LiveStack:
     kafka_port: int = field(default_factory=free_port)
     redis_port: int = field(default_factory=free_port)
     trainer_port: int = field(default_factory=free_port)
+    joiner_port: int = field(default_factory=free_port)
     service_port: int = field(default_factory=free_port)
     prom_port: int = field(default_factory=free_port)
     started_at: float = 0.0
@@ -198,11 +199,19 @@ class LiveStack:
             "FRESHREC_TRAINER_CHECKPOINT_DIR": str(self.workdir / "checkpoints"),
             "FRESHREC_TRAINER_CHECKPOINT_INTERVAL_S": "5",
             "FRESHREC_TOPIC_PARTITIONS": "2",
+            # Short attribution windows so the joiner's labeled-impression panels (exploration
+            # cost) fill within the test's budget; production keeps the 300 s default.
+            "FRESHREC_JOINER_METRICS_PORT": str(self.joiner_port),
+            "FRESHREC_JOINER_WINDOW_S": "2",
+            "FRESHREC_JOINER_LATENESS_S": "0.2",
+            # A bonus weight that puts explored items among the shown ones within seconds.
+            "FRESHREC_BANDIT_ALPHA": "100",
         })
         return env
 
     def _prometheus_config(self) -> Path:
-        jobs = (("freshrec-trainer", self.trainer_port), ("freshrec-service", self.service_port))
+        jobs = (("freshrec-trainer", self.trainer_port), ("freshrec-joiner", self.joiner_port),
+                ("freshrec-service", self.service_port))
         lines = ["global:", "  scrape_interval: 1s", "  evaluation_interval: 1s",
                  "scrape_configs:"]
         for job, port in jobs:
@@ -257,6 +266,9 @@ class LiveStack:
         item_feats = dict(zip(items.tolist(), stream.item_features(items), strict=True))
         users = rng.integers(0, 5_000, size=200)
         user_feats = list(zip(users.tolist(), stream.user_features(users), strict=True))
+        from confluent_kafka import Producer
+
+        clicks = Producer({"bootstrap.servers": f"127.0.0.1:{self.kafka_port}"})
         pause = 1.0 / self.score_rps
         while not self._stop.is_set():
             user, feats = user_feats[self.score_requests % len(user_feats)]
@@ -268,12 +280,27 @@ class LiveStack:
                 f"{self.service_url}/v1/score", data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"}, method="POST")
             try:
-                with urllib.request.urlopen(request, timeout=5):
-                    pass
-            except (urllib.error.URLError, OSError):
+                with urllib.request.urlopen(request, timeout=5) as resp:
+                    served = json.loads(resp.read())
+                self._click_some(clicks, f"u{user}", served, rng)
+            except (urllib.error.URLError, OSError, ValueError):
                 self.score_errors += 1
             self.score_requests += 1
             self._stop.wait(pause)
+        clicks.flush(10)
+
+    @staticmethod
+    def _click_some(producer: Any, user_id: str, served: dict, rng: Any) -> None:
+        """Click about one shown item in ten, so the joiner labels clicks and non-clicks of
+        explored and exploited impressions alike (the exploration panels need both)."""
+        for item in served["items"]:
+            if rng.random() < 0.1:
+                click = {"event_id": f"c{rng.integers(1 << 62)}", "ts": time.time(),
+                         "user_id": user_id, "item_id": item["item_id"],
+                         "request_id": served["request_id"]}
+                producer.produce("freshrec.clicks", json.dumps(click).encode(),
+                                 key=user_id.encode())
+        producer.poll(0)
 
     def _dead_letters(self) -> None:
         from confluent_kafka import Producer
