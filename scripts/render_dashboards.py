@@ -205,7 +205,8 @@ class LiveStack:
             "FRESHREC_JOINER_WINDOW_S": "2",
             "FRESHREC_JOINER_LATENESS_S": "0.2",
             # A bonus weight that puts explored items among the shown ones within seconds.
-            "FRESHREC_BANDIT_ALPHA": "100",
+            "FRESHREC_BANDIT_ALPHA": "1.0",
+            "FRESHREC_JOINER_CHECKPOINT_DIR": str(self.workdir / "joiner-checkpoints"),
         })
         return env
 

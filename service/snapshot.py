@@ -164,7 +164,8 @@ class ServingSnapshot:
         rows, update = p.rows, p.update
         if p.bandit is not None:
             self.bandit = p.bandit
-        elif rows.bandit is not None and update.bandit_header is not None and self.bandit:
+        elif rows.bandit is not None and update.bandit_header is not None \
+                and self.bandit is not None:  # an empty DiagLinUCB is falsy (len 0)
             h = update.bandit_header
             self.bandit.patch(rows.bandit.item_ids, rows.bandit.d, rows.bandit.b, h.version,
                               ts=h.clock)
