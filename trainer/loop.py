@@ -53,6 +53,7 @@ from freshrec.kafka import (
     assign_from,
     commit_offsets,
     consumer_config,
+    dead_letter_headers,
     producer_config,
 )
 from freshrec.metrics import TrainerMetrics
@@ -240,10 +241,7 @@ class Trainer:
 
     def _dead_letter(self, msg: Message, reason: str) -> None:
         value = msg.value() or b""
-        headers = [("reason", reason.encode()[:1024]),
-                   ("source_topic", msg.topic().encode()),
-                   ("source_partition", str(msg.partition()).encode()),
-                   ("source_offset", str(msg.offset()).encode())]
+        headers = dead_letter_headers(reason, msg.topic(), msg.partition(), msg.offset())
         if len(value) > MAX_DLQ_VALUE_BYTES:  # keep the DLQ producible; the reason says why
             headers.append(("truncated_from_bytes", str(len(value)).encode()))
             value = value[:MAX_DLQ_VALUE_BYTES]
