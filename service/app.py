@@ -98,9 +98,14 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
     install_error_handlers(app)
     for module in (score, events, model, probes):
         app.include_router(module.router)
-    # The plain Starlette route answers POST /v1/score (see service.routes.score).
-    app.router.routes.insert(0, score.fast_route)
     app.openapi = _with_raw_body_schemas(app)  # type: ignore[method-assign]
-    app.add_middleware(GuardAndMeasure, max_body=settings.service_max_body_bytes,
-                       metrics=metrics)
+    build_stack = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        # Outermost: limits and metrics for every request, then POST /v1/score answered
+        # directly (service.routes.score), then FastAPI's own stack for the rest.
+        return GuardAndMeasure(score.ScoreEndpoint(build_stack(), state),
+                               max_body=settings.service_max_body_bytes, metrics=metrics)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
     return app

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any
 
 import numpy as np
-import orjson
 import torch
 import xxhash
 
@@ -22,6 +20,7 @@ from bandit.context import context_for, user_slots
 from featurestore.featurize import Featurizer, SlotIds, bandit_keys
 from featurestore.pooling import pool_rows
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
+from service.candidates import CandidateIds, candidate_key
 from service.snapshot import ServingSnapshot
 from service.vectors import SlotVectors
 from trainer.wide import wide_logits
@@ -69,57 +68,29 @@ class Scorer:
         self.top_k_clusters = top_k_clusters
         self.tower_width = sum(dim for _, dim in user_slots(config))
         self.item_slots = [s.name for s in config.slots if s.side is SlotSide.ITEM]
-        # (item_id, serialized features) -> per item-slot ID lists. Featurizing 100 candidates
-        # (hashing every value in Python) was the largest cost of a request; candidate items
-        # repeat across requests, so their IDs (not their vectors, which change) are cached.
-        self._item_ids: dict[tuple[str, bytes], tuple[tuple[int, ...], ...]] = {}
-        self.item_cache_size = item_cache_size
+        self.candidates = CandidateIds(self.featurizer, self.item_slots, item_cache_size)
         ends = np.cumsum([s.dim for s in config.slots]).tolist()
         self.width = ends[-1] if ends else 0
         self.columns = list(zip([0, *ends[:-1]], ends, strict=True))
 
-    def _item_slot_ids(self, items: Sequence[tuple[str, Mapping[str, Any]]]
-                       ) -> dict[str, SlotIds]:
-        cache = self._item_ids
-        dumps = orjson.dumps
-        keys = [(item_id, dumps(feats) if feats else b"") for item_id, feats in items]
-        per_item = list(map(cache.get, keys))
-        for j, ids in enumerate(per_item):
-            if ids is None:
-                item_id, feats = items[j]
-                rec = dict(feats)
-                rec["item_id"] = item_id
-                b = self.featurizer.featurize([rec], SlotSide.ITEM)
-                # Tuples of ints: the collector untracks them, so a big cache adds nothing
-                # to the cost of a full collection.
-                ids = tuple(tuple(b.slots[s].ids.tolist()) for s in self.item_slots)
-                if len(cache) >= self.item_cache_size:
-                    cache.clear()  # crude bound; a miss only costs one featurization
-                cache[keys[j]] = per_item[j] = ids
-        per_slot = zip(*per_item, strict=True) if per_item else [() for _ in self.item_slots]
-        out = {}
-        for slot, lists in zip(self.item_slots, per_slot, strict=True):
-            offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-            np.cumsum(list(map(len, lists)), out=offsets[1:])
-            flat = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(offsets[-1]))
-            out[slot] = SlotIds(flat, offsets)
-        return out
-
     def features(self, snapshot: ServingSnapshot, user_id: str, user_features: Mapping[str, Any],
                  items: Sequence[tuple[str, Mapping[str, Any]]]) -> np.ndarray:
         """The model input ``(n, sum of dims)``: user side pooled once, broadcast to every item."""
-        return self._features(snapshot, user_id, user_features, items)[0]
+        return self._features(snapshot, user_id, user_features, items, None)[0]
 
     def _features(self, snapshot: ServingSnapshot, user_id: str,
                   user_features: Mapping[str, Any],
-                  items: Sequence[tuple[str, Mapping[str, Any]]]
+                  items: Sequence[tuple[str, Mapping[str, Any]]],
+                  item_keys: Sequence[bytes] | None
                   ) -> tuple[np.ndarray, dict[str, SlotIds], np.ndarray]:
         """Model input, item IDs per slot, and the user tower (the user-side columns, once)."""
         user_rec = dict(user_features)
         user_rec["user_id"] = user_id
         n = len(items)
         ub = self.featurizer.featurize([user_rec], SlotSide.USER)
-        item_ids = self._item_slot_ids(items)
+        if item_keys is None:
+            item_keys = [candidate_key(i, f) for i, f in items]
+        item_ids = self.candidates.slot_ids(item_keys, items)
         # Each slot's pooled block is written straight into the model input (no concatenate).
         x = np.empty((n, self.width), dtype=np.float32)
         tower = np.empty(self.tower_width, dtype=np.float32)
@@ -181,9 +152,13 @@ class Scorer:
 
     def score(self, snapshot: ServingSnapshot, user_id: str, user_features: Mapping[str, Any],
               items: Sequence[tuple[str, Mapping[str, Any]]], top_k: int,
-              explore: bool) -> ScoredItems:
-        """Score every candidate; rank by ``pctr + alpha * bonus`` when exploring."""
-        x, item_ids, tower = self._features(snapshot, user_id, user_features, items)
+              explore: bool, item_keys: Sequence[bytes] | None = None) -> ScoredItems:
+        """Score every candidate; rank by ``pctr + alpha * bonus`` when exploring.
+
+        ``item_keys`` (one per item, e.g. each candidate's exact request bytes) key the memo of
+        item-side IDs; without them the keys are built from the values.
+        """
+        x, item_ids, tower = self._features(snapshot, user_id, user_features, items, item_keys)
         pctr = self.forward(snapshot, x)
         n = len(items)
         k = min(top_k, n)
