@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from numba import njit
 
 from featurestore.featurize import SparseBatch
 from featurestore.pooling import mean_pool
@@ -53,6 +54,71 @@ def user_tower(config: ModelConfig, batch: SparseBatch,
     return np.concatenate(parts, axis=1)
 
 
+@njit(cache=True)
+def _top_k_contexts(U: np.ndarray, C: np.ndarray, k: int, temperature: float,
+                    fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel of :func:`context_for` (float64 inputs, ``temperature <= 0`` = per user)."""
+    n, dim = U.shape
+    m = C.shape[0]
+    cc = np.empty(m)
+    for j in range(m):
+        acc = 0.0
+        for t in range(dim):
+            acc += C[j, t] * C[j, t]
+        cc[j] = acc
+    idx = np.empty((n, k), dtype=np.int64)
+    w = np.empty((n, k))
+    dk = np.empty(k)
+    for i in range(n):
+        finite, mass, uu = True, 0.0, 0.0
+        for t in range(dim):
+            v = U[i, t]
+            if not np.isfinite(v):
+                finite = False
+                break
+            mass += abs(v)
+            uu += v * v
+        if not finite or mass == 0.0:
+            for q in range(k):
+                idx[i, q] = fallback[q]
+                w[i, q] = 1.0 / k
+            continue
+        # The k nearest, nearest first (ties: lower cluster index first), by insertion.
+        filled = 0
+        for j in range(m):
+            dot = 0.0
+            for t in range(dim):
+                dot += U[i, t] * C[j, t]
+            d2 = max(uu - 2.0 * dot + cc[j], 0.0)
+            if filled == k and d2 >= dk[k - 1]:
+                continue
+            q = filled if filled < k else k - 1
+            while q > 0 and dk[q - 1] > d2:
+                dk[q] = dk[q - 1]
+                idx[i, q] = idx[i, q - 1]
+                q -= 1
+            dk[q] = d2
+            idx[i, q] = j
+            if filled < k:
+                filled += 1
+        if temperature > 0.0:
+            T = temperature
+        else:
+            T = 0.0
+            for q in range(k):
+                T += dk[q]
+            T /= k
+        T = max(T, 1e-12)
+        total = 0.0
+        for q in range(k):
+            e = np.exp(-(dk[q] - dk[0]) / T)  # shifted by the nearest for stability
+            w[i, q] = e
+            total += e
+        for q in range(k):
+            w[i, q] /= total
+    return idx, w
+
+
 def context_for(
     user_vectors: np.ndarray,
     centroids: np.ndarray,
@@ -74,41 +140,17 @@ def context_for(
     Returns:
         ``(clusters int64[n, k], weights float64[n, k])``, nearest first; each weight row sums to 1.
     """
-    U = np.asarray(user_vectors, dtype=np.float64)
+    U = np.ascontiguousarray(user_vectors, dtype=np.float64)
     if U.ndim == 1:
         U = U[None, :]
-    C = np.asarray(centroids, dtype=np.float64)
+    C = np.ascontiguousarray(centroids, dtype=np.float64)
     if len(C) == 0:
         raise ValueError("need at least one centroid")
+    if U.shape[1] != C.shape[1]:
+        raise ValueError(f"user vectors of width {U.shape[1]}, centroids of {C.shape[1]}")
     k = max(1, min(int(k), len(C)))
-    n = len(U)
-
-    finite = np.isfinite(U).all(1)
-    has_vec = finite & (np.abs(np.where(finite[:, None], U, 0.0)).sum(1) > 0)
-    Uv = np.where(has_vec[:, None], U, 0.0)
-
-    d2 = (Uv * Uv).sum(1)[:, None] - 2.0 * Uv @ C.T + (C * C).sum(1)[None, :]
-    np.maximum(d2, 0.0, out=d2)
-    if k < len(C):
-        idx = np.argpartition(d2, k - 1, axis=1)[:, :k]
+    if counts is not None and len(counts) == len(C):
+        fallback = np.argsort(-np.asarray(counts), kind="stable")[:k].astype(np.int64)
     else:
-        idx = np.broadcast_to(np.arange(len(C)), (n, len(C))).copy()
-    dk = np.take_along_axis(d2, idx, axis=1)
-    order = np.argsort(dk, axis=1, kind="stable")
-    idx = np.take_along_axis(idx, order, axis=1)
-    dk = np.take_along_axis(dk, order, axis=1)
-
-    T = np.full((n, 1), float(temperature)) if temperature else dk.mean(1, keepdims=True)
-    T = np.maximum(T, 1e-12)
-    logits = -(dk - dk[:, :1]) / T  # shift by the nearest for stability
-    w = np.exp(logits)
-    w /= w.sum(1, keepdims=True)
-
-    if not has_vec.all():
-        if counts is not None and len(counts) == len(C):
-            fb = np.argsort(-np.asarray(counts), kind="stable")[:k]
-        else:
-            fb = np.arange(k)
-        idx[~has_vec] = fb
-        w[~has_vec] = 1.0 / k
-    return idx.astype(np.int64), w
+        fallback = np.arange(k, dtype=np.int64)
+    return _top_k_contexts(U, C, k, float(temperature) if temperature else 0.0, fallback)

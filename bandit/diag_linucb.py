@@ -47,9 +47,43 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from numba import njit
 
 _NO_TIME = -np.inf  # a row that has never seen an event (or an empty model's clock)
 
+
+
+@njit(cache=True)
+def _score_rows(d: np.ndarray, b: np.ndarray, t: np.ndarray, rows: np.ndarray,
+                found: np.ndarray, cl: np.ndarray, w: np.ndarray, lam: float,
+                half_life_s: float, now: float) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`DiagLinUCB.score` per candidate, compiled: one user's context is a handful of
+    clusters, and the same arithmetic as ~15 numpy calls on (m, K) arrays cost ~80 µs.
+
+    ``half_life_s > 0``: statistics aged from their row time to ``now`` on the fly.
+    """
+    m, k = rows.shape[0], cl.shape[0]
+    mean = np.zeros(m)
+    bonus = np.empty(m)
+    for i in range(m):
+        f = 1.0
+        if found[i] and half_life_s > 0.0:
+            dt = max(now - t[rows[i]], 0.0)
+            if np.isfinite(dt):
+                f = 2.0 ** (-dt / half_life_s)
+        acc_mean, acc_bonus = 0.0, 0.0
+        for q in range(k):
+            if found[i]:
+                dd = lam + (d[rows[i], cl[q]] - lam) * f
+                bb = b[rows[i], cl[q]] * f
+            else:
+                dd, bb = lam, 0.0
+            inv = 1.0 / dd
+            acc_mean += bb * inv * w[q]
+            acc_bonus += inv * w[q] * w[q]
+        mean[i] = acc_mean
+        bonus[i] = np.sqrt(acc_bonus)
+    return mean, bonus
 
 class DiagLinUCB:
     """Per-item, per-cluster Diag-LinUCB statistics with decay, merge, dedup and versioned deltas.
@@ -312,23 +346,12 @@ class DiagLinUCB:
         a half-life) statistics are aged to ``now`` on the fly, without mutating the model.
         """
         ids = np.asarray(item_ids, dtype=np.int64).ravel()
-        cl = np.asarray(clusters, dtype=np.int64).ravel()
-        w = np.asarray(weights, dtype=np.float64).ravel()
+        cl = np.ascontiguousarray(clusters, dtype=np.int64).ravel()
+        w = np.ascontiguousarray(weights, dtype=np.float64).ravel()
         rows, found = self._lookup(ids)
-        D = self._d[rows[:, None], cl[None, :]]
-        B = self._b[rows[:, None], cl[None, :]]
-        if not found.all():
-            D[~found] = self.lam
-            B[~found] = 0.0
-        if now is not None and self.half_life_s > 0:
-            dt = np.maximum(now - self._t[rows], 0.0)
-            f = np.where(found & np.isfinite(dt), np.exp2(-dt / self.half_life_s), 1.0)[:, None]
-            D = self.lam + (D - self.lam) * f
-            B = B * f
-        inv = 1.0 / D
-        mean = (B * inv) @ w
-        bonus = np.sqrt(inv @ (w * w))
-        return mean, bonus
+        aged = now is not None and self.half_life_s > 0
+        return _score_rows(self._d, self._b, self._t, rows, found, cl, w, self.lam,
+                           self.half_life_s if aged else 0.0, float(now) if aged else 0.0)
 
     # ------------------------------------------------------------------ publishing
     def changes_since(self, version: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:

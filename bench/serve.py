@@ -44,10 +44,11 @@ import redis
 import torch
 
 from bandit.clusters import OnlineKMeans
+from bandit.context import user_tower
 from bandit.diag_linucb import DiagLinUCB
 from bench import require_shipped_extras
 from featurestore.featurize import Featurizer, encode_value
-from featurestore.schema import load_model_config
+from featurestore.schema import SlotSide, load_model_config
 from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.devstack import LocalStack, free_port
@@ -109,9 +110,17 @@ def build_state(settings: Settings) -> PublishableState:
     for name, table in tables.items():
         for _ in range(2):  # zip has min_count 2
             table.lookup(batch.slots[name].ids, 1.0)
-    user_rows = tables["user"].all_rows()[1]
-    km = OnlineKMeans(settings.bandit_clusters, user_rows.shape[1])
-    km.partial_fit(user_rows)
+    # Centroids over the user tower (every user-side slot pooled), the vector the trainer
+    # clusters and the service places users with: centroids of another width give no context,
+    # and the benchmark would measure serving without the exploration bonus.
+    user_recs = [user_features(u) | {"user_id": f"u{u}"} for u in range(N_USERS)]
+
+    def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
+        return tables[slot].gather(tables[slot].find(ids))
+
+    towers = user_tower(config, feats.featurize(user_recs, SlotSide.USER), lookup)
+    km = OnlineKMeans(settings.bandit_clusters, towers.shape[1])
+    km.partial_fit(towers)
     bandit = DiagLinUCB(settings.bandit_clusters)
     n = 50_000
     items = np.array([encode_value(f"m{j}") for j in rng.integers(N_ITEMS, size=n)])
@@ -138,6 +147,9 @@ def in_process_costs(store: SnapshotStore, settings: Settings, body: dict, reps:
     scorer = Scorer(config, alpha=settings.bandit_alpha, top_k_clusters=settings.bandit_top_k)
     items = [(c["item_id"], c["features"]) for c in body["candidates"]]
     x = scorer.features(snap, body["user_id"], body["features"], items)
+    if scorer.score(snap, body["user_id"], body["features"], items, 20, True).context is None:
+        raise RuntimeError("the snapshot gives no exploration context: the benchmark would "
+                           "measure scoring without the bonus")
 
     def timeit(fn) -> float:
         for _ in range(20):

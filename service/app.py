@@ -79,7 +79,8 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             health_check_interval=15)
         state.follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
                                           config, metrics)
-        state.sink = KafkaSink(producer or Producer(producer_config(settings.kafka_bootstrap)),
+        state.sink = KafkaSink(producer or Producer(producer_config(
+            settings.kafka_bootstrap, **{"linger.ms": settings.service_producer_linger_ms})),
                                settings.topic_impressions, settings.service_impression_queue_size,
                                metrics)
         state.sink.start()

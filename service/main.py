@@ -155,7 +155,12 @@ def multiprocess_metrics_dir() -> Iterator[Path]:
         for stale in directory.glob("*.db"):
             stale.unlink()
     else:
-        directory = Path(tempfile.mkdtemp(prefix="freshrec-metrics-"))
+        # In memory where the system has it (k8s mounts a Memory emptyDir): every metric
+        # update writes to an mmap of these files, and on a disk that is a stream of dirty
+        # pages for the kernel to write back.
+        shm = Path("/dev/shm")
+        memory = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+        directory = Path(tempfile.mkdtemp(prefix="freshrec-metrics-", dir=memory))
         os.environ[MULTIPROC_ENV] = str(directory)
     try:
         yield directory

@@ -76,12 +76,12 @@ class Scorer:
     def features(self, snapshot: ServingSnapshot, user_id: str, user_features: Mapping[str, Any],
                  items: Sequence[tuple[str, Mapping[str, Any]]]) -> np.ndarray:
         """The model input ``(n, sum of dims)``: user side pooled once, broadcast to every item."""
-        return self._features(snapshot, user_id, user_features, items, None)[0]
+        return self._features(snapshot, user_id, user_features, items)[0]
 
     def _features(self, snapshot: ServingSnapshot, user_id: str,
                   user_features: Mapping[str, Any],
                   items: Sequence[tuple[str, Mapping[str, Any]]],
-                  item_keys: Sequence[bytes] | None
+                  item_keys: Sequence[bytes] | None = None
                   ) -> tuple[np.ndarray, dict[str, SlotIds], np.ndarray]:
         """Model input, item IDs per slot, and the user tower (the user-side columns, once)."""
         user_rec = dict(user_features)

@@ -135,3 +135,32 @@ def test_user_tower_places_cold_users_by_their_profile_slots() -> None:
     centroids = np.stack([tower[0] + 0.1, tower[0] * 0 + 5.0]).astype(np.float32)
     cl, w = context_for(tower[:1], centroids, 1)
     assert cl[0, 0] == 0 and w[0, 0] == 1.0  # a real context, not the fallback
+
+
+def _context_reference(U: np.ndarray, C: np.ndarray, k: int, counts: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The definition in plain numpy: all distances, stable sort, softmax, fallback."""
+    has_vec = np.isfinite(U).all(1) & (np.abs(np.nan_to_num(U)).sum(1) > 0)
+    d2 = np.maximum(((U[:, None, :] - C[None, :, :]) ** 2).sum(-1), 0.0)
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    dk = np.take_along_axis(d2, idx, axis=1)
+    T = np.maximum(dk.mean(1, keepdims=True), 1e-12)
+    w = np.exp(-(dk - dk[:, :1]) / T)
+    w /= w.sum(1, keepdims=True)
+    idx[~has_vec] = np.argsort(-counts, kind="stable")[:k]
+    w[~has_vec] = 1.0 / k
+    return idx, w
+
+
+def test_compiled_contexts_equal_the_numpy_definition() -> None:
+    rng = np.random.default_rng(11)
+    C = rng.normal(size=(32, 40))
+    U = rng.normal(size=(300, 40))
+    U[::7] = 0.0  # no vector: fallback
+    U[3, 5] = np.nan  # non-finite: fallback
+    counts = rng.integers(1, 100, size=32).astype(float)
+    for k in (1, 3, 32):
+        cl, w = context_for(U, C, k, counts=counts)
+        want_cl, want_w = _context_reference(U, C, k, counts)
+        np.testing.assert_array_equal(cl, want_cl)
+        np.testing.assert_allclose(w, want_w, rtol=1e-9, atol=1e-12)
