@@ -146,7 +146,7 @@ class DiagLinUCB:
         """Rows of ``ids`` and a found mask (rows of missing ids are 0, not meaningful)."""
         if len(self._sorted_ids) == 0:
             return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
-        pos = np.searchsorted(self._sorted_ids, ids)
+        pos = self._sorted_ids.searchsorted(ids)
         np.minimum(pos, len(self._sorted_ids) - 1, out=pos)
         found = self._sorted_ids[pos] == ids
         return self._sorted_rows[pos], found

@@ -61,7 +61,7 @@ class _SlotColumn:
             return SlotIds(self.flat[self.start[rows]], np.arange(n + 1, dtype=np.int64))
         lengths = self.length[rows]
         offsets = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        lengths.cumsum(out=offsets[1:])
         # position j of the result reads flat[start[row of j] + (j - offsets[row of j])]
         shift = np.repeat(self.start[rows] - offsets[:-1], lengths)
         return SlotIds(self.flat[shift + np.arange(offsets[-1])], offsets)

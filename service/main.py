@@ -84,7 +84,8 @@ def _fast_loop() -> dict[str, str]:
     if importlib.util.find_spec("uvloop"):
         opts["loop"] = "uvloop"
     if importlib.util.find_spec("httptools"):
-        opts["http"] = "httptools"
+        # httptools, each response written in one socket call (service/http.py)
+        opts["http"] = "service.http:CoalescingHttpToolsProtocol"
     return opts
 
 
@@ -198,8 +199,10 @@ def run(settings: Settings) -> int:
     share = worker_threads(settings)
     apply_thread_budget(share)
     log.info("%d worker(s), %d thread(s) per native pool in each", workers, share)
+    # No proxy-header rewriting: nothing reads the client address, and uvicorn's middleware
+    # for it runs on every request.
     common = dict(host=settings.service_host, port=settings.service_port, log_level="warning",
-                  access_log=False, **_fast_loop())
+                  access_log=False, proxy_headers=False, **_fast_loop())
     # Shared metrics for several workers, or in the directory an operator named (which may hold
     # a previous start's files: k8s keeps an emptyDir across container restarts).
     shared = workers > 1 or bool(os.environ.get(MULTIPROC_ENV))

@@ -196,21 +196,20 @@ def _parse_plain(body: bytes) -> ParsedScore | None:
             and 1 <= top_k <= HARD_MAX_CANDIDATES and type(explore) is bool
             and (request_id is None or _plain_id(request_id))):
         return None
-    items, keys = [], []
-    valid, dumps = _VALID_CANDIDATES, orjson.dumps
-    for c in cands:
-        try:
-            key = dumps(c)
-        except TypeError:  # not serializable back: cannot be plain JSON
+    try:
+        keys = list(map(orjson.dumps, cands))
+    except TypeError:  # not serializable back: cannot be plain JSON
+        return None
+    known = _VALID_CANDIDATES.keys
+    for c, key in zip(cands, keys, strict=True):
+        if key in known:
+            continue
+        if type(c) is not dict or not _CANDIDATE_KEYS.issuperset(c):
             return None
-        if key not in valid.keys:
-            if type(c) is not dict or not _CANDIDATE_KEYS.issuperset(c):
-                return None
-            if not (_plain_id(c.get("item_id")) and _plain_features(c.get("features", {}))):
-                return None
-            valid.add(key)
-        items.append((c["item_id"], c.get("features", {})))
-        keys.append(key)
+        if not (_plain_id(c.get("item_id")) and _plain_features(c.get("features", {}))):
+            return None
+        _VALID_CANDIDATES.add(key)
+    items = [(c["item_id"], c.get("features", {})) for c in cands]
     return ParsedScore(user_id, features, items, top_k, explore, request_id, keys)
 
 

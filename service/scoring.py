@@ -178,9 +178,9 @@ class Scorer:
                         keys, clusters, weights, now=clock if np.isfinite(clock) else None)
                     ctx = (clusters.tolist(), weights.tolist())
         score = pctr + self.alpha * bonus if ctx is not None else pctr
-        order = np.argsort(-score, kind="stable")[:k]
+        order = (-score).argsort(kind="stable")[:k]
         if ctx is not None:
-            by_pctr = set(np.argsort(-pctr, kind="stable")[:k].tolist())
+            by_pctr = set((-pctr).argsort(kind="stable")[:k].tolist())
             explored = np.array([i not in by_pctr for i in order.tolist()], dtype=bool)
         else:
             explored = np.zeros(len(order), dtype=bool)
