@@ -208,6 +208,10 @@ class ServiceMetrics:
                            multiprocess_mode="livemin")
         self.impressions = Counter(p + "impressions_total", "Impressions by outcome.",
                                    ["outcome"], registry=r)
+        self.producer_renewals = Counter(
+            p + "producer_renewals_total",
+            "Kafka producers replaced after a fatal error (e.g. a broker that lost its state).",
+            registry=r)
         self.explored_items = Counter(p + "explored_items_total",
                                       "Served items promoted by exploration.", registry=r)
         self.served_items = Counter(p + "served_items_total", "Served items.", registry=r)

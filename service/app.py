@@ -79,10 +79,13 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             health_check_interval=15)
         state.follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
                                           config, metrics)
-        state.sink = KafkaSink(producer or Producer(producer_config(
-            settings.kafka_bootstrap, **{"linger.ms": settings.service_producer_linger_ms})),
-                               settings.topic_impressions, settings.service_impression_queue_size,
-                               metrics)
+        def new_producer() -> Producer:
+            return Producer(producer_config(
+                settings.kafka_bootstrap, **{"linger.ms": settings.service_producer_linger_ms}))
+
+        state.sink = KafkaSink(producer or new_producer(), settings.topic_impressions,
+                               settings.service_impression_queue_size, metrics,
+                               make_producer=None if producer is not None else new_producer)
         state.sink.start()
         state.supervisor = FollowerSupervisor(state.follower, metrics)
         state.supervisor.start()

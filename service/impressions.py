@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from freshrec.metrics import ServiceMetrics
 
@@ -34,8 +35,14 @@ class KafkaSink:
     """
 
     def __init__(self, producer: Producer, impressions_topic: str, queue_size: int,
-                 metrics: ServiceMetrics, drain_interval_s: float = 0.02) -> None:
+                 metrics: ServiceMetrics, drain_interval_s: float = 0.02,
+                 make_producer: Callable[[], Producer] | None = None) -> None:
         self.producer = producer
+        # A fatal producer error (e.g. an idempotent producer whose broker lost its producer
+        # id, as after a broker restart) is permanent for that librdkafka instance: the only
+        # way on is a new producer. Without a factory the error surfaces (503s, failed counts).
+        self.make_producer = make_producer
+        self._replace_lock = threading.Lock()
         self.topic = impressions_topic
         self.metrics = metrics
         self.queue_size = queue_size
@@ -73,11 +80,34 @@ class KafkaSink:
 
     def produce_now(self, topic: str, key: bytes, value: bytes,
                     headers: list[tuple[str, bytes]] | None = None) -> None:
-        """Produce on the caller's thread; raises BufferError when librdkafka's queue is full."""
-        if headers is None:
-            self.producer.produce(topic, value=value, key=key)
-        else:
-            self.producer.produce(topic, value=value, key=key, headers=headers)
+        """Produce on the caller's thread.
+
+        Raises BufferError when librdkafka's queue is full and KafkaException when the message
+        cannot be queued (unknown topic, a fatal producer error that a new producer did not
+        cure): the caller answers "retry later", nothing was accepted.
+        """
+        kwargs: dict[str, Any] = {"value": value, "key": key}
+        if headers is not None:
+            kwargs["headers"] = headers
+        producer = self.producer
+        try:
+            producer.produce(topic, **kwargs)
+        except KafkaException as exc:
+            if not self._renewed_after(producer, exc):
+                raise
+            self.producer.produce(topic, **kwargs)
+
+    def _renewed_after(self, failed: Producer, exc: KafkaException) -> bool:
+        """Replace ``failed`` by a new producer if ``exc`` is fatal; True if one is in place."""
+        err = exc.args[0] if exc.args else None
+        if self.make_producer is None or not (isinstance(err, KafkaError) and err.fatal()):
+            return False
+        with self._replace_lock:
+            if self.producer is failed:  # not already replaced by the other thread
+                log.error("impression producer failed fatally (%s): starting a new one", err)
+                self.producer = self.make_producer()
+                self.metrics.producer_renewals.inc()
+        return True
 
     def _drain(self) -> None:
         pending = self.pending
@@ -93,14 +123,23 @@ class KafkaSink:
 
     def _produce(self, key: bytes, value: bytes) -> None:
         while True:
+            producer = self.producer
             try:
-                self.producer.produce(self.topic, value=value, key=key, on_delivery=self._report)
+                producer.produce(self.topic, value=value, key=key, on_delivery=self._report)
                 return
             except BufferError:
-                self.producer.poll(0.05)
+                producer.poll(0.05)
                 if self._stopped.is_set():
                     self._dropped.inc()
                     return
+            except KafkaException as exc:
+                if self._renewed_after(producer, exc):
+                    continue
+                # Cannot be queued (e.g. the topic is missing): this impression is lost and
+                # counted; the thread lives on for the next ones.
+                self.failed += 1
+                self._failed.inc()
+                return
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is buffered, then flush the producer (bounded by ``timeout``)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+from confluent_kafka import KafkaException
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -78,5 +79,10 @@ async def events(request: Request, writer: Annotated[Writer, Depends(require_wri
             sink.produce_now(st.settings.topic_events, e.user_id.encode(), e.to_json())
     except BufferError:
         raise HTTPException(503, "event queue full, retry later") from None
+    except KafkaException as exc:
+        # Nothing queued for this event (e.g. the topic is missing after a broker restart):
+        # the client retries the whole request; earlier events of a batch may be duplicated,
+        # which the trainer's event-id dedup absorbs.
+        raise HTTPException(503, f"events topic unavailable, retry later ({exc})") from None
     st.metrics.events_accepted.inc(len(batch))
     return json_response({"accepted": len(batch)}, status_code=202)

@@ -1,0 +1,78 @@
+"""The service's producer wrapper keeps working through producer errors (unit: fake producers)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException
+from prometheus_client import CollectorRegistry
+
+from freshrec.metrics import ServiceMetrics
+from service.impressions import KafkaSink
+
+
+class _FakeProducer:
+    """Records produced messages; raises ``errors`` (in order) on the first produce calls."""
+
+    def __init__(self, errors: list[KafkaException] | None = None) -> None:
+        self.errors = list(errors or [])
+        self.sent: list[tuple[str, bytes]] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes, **_: object) -> None:
+        if self.errors:
+            raise self.errors.pop(0)
+        self.sent.append((topic, value))
+
+    def poll(self, _timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, _timeout: float = 0) -> int:
+        return 0
+
+
+def _fatal() -> KafkaException:
+    return KafkaException(KafkaError(KafkaError._FATAL, "unknown producer id", fatal=True))
+
+
+def _unknown_topic() -> KafkaException:
+    return KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "no such topic"))
+
+
+def _metrics() -> ServiceMetrics:
+    return ServiceMetrics(registry=CollectorRegistry())
+
+
+def test_a_fatal_error_gets_a_new_producer_and_the_message_goes_through() -> None:
+    broken, fresh = _FakeProducer([_fatal()]), _FakeProducer()
+    metrics = _metrics()
+    sink = KafkaSink(broken, "imps", 10, metrics, make_producer=lambda: fresh)
+    sink.produce_now("events", b"u1", b"e1")
+    assert fresh.sent == [("events", b"e1")] and sink.producer is fresh
+    assert metrics.registry.get_sample_value("freshrec_service_producer_renewals_total") == 1
+
+
+def test_without_a_factory_or_for_other_errors_the_caller_hears_it() -> None:
+    sink = KafkaSink(_FakeProducer([_fatal()]), "imps", 10, _metrics())
+    with pytest.raises(KafkaException):
+        sink.produce_now("events", b"u1", b"e1")
+    sink = KafkaSink(_FakeProducer([_unknown_topic()]), "imps", 10, _metrics(),
+                     make_producer=_FakeProducer)
+    with pytest.raises(KafkaException):  # not fatal: no new producer, the route answers 503
+        sink.produce_now("events", b"u1", b"e1")
+
+
+def test_the_impression_thread_survives_errors_and_counts_what_it_lost() -> None:
+    broken, fresh = _FakeProducer([_unknown_topic(), _fatal()]), _FakeProducer()
+    sink = KafkaSink(broken, "imps", 10, _metrics(), drain_interval_s=0.001,
+                     make_producer=lambda: fresh)
+    sink.start()
+    for i in range(3):
+        assert sink.offer(b"u", {"request_id": f"r{i}"})
+    deadline = time.monotonic() + 5
+    while len(fresh.sent) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sink.close(1.0)
+    # r0: topic missing, lost and counted; r1: fatal error, sent by the new producer; r2 too.
+    assert sink.failed == 1
+    assert [v for _, v in fresh.sent] == [b'{"request_id":"r1"}', b'{"request_id":"r2"}']
