@@ -31,11 +31,9 @@ from featurestore.featurize import Featurizer, SparseBatch
 from featurestore.hashmap import unique_rows
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
+from freshrec.settings import DEFAULT_MICRO_BATCH
 from trainer import wide
 from trainer.model import CTRModel, make_dense_optimizer
-
-# Slice size for the deep part (see OnlineLearner); measured in docs/trainer.md.
-DEFAULT_MICRO_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -122,6 +120,18 @@ class OnlineLearner:
         # Learning steps that started changing state: a caller that sees this unchanged after
         # an exception knows the failed step left the model as it was.
         self.mutations = 0
+
+    def warm_up(self) -> None:
+        """Load every compiled kernel and torch's first-call paths before the first batch.
+
+        numba compiles (or loads from its cache) on first call, ~0.5 s: without this the
+        first consumed batch pays it. A throwaway learner of the same config learns one empty
+        example; this learner's state and torch's random state are left as they were.
+        """
+        with torch.random.fork_rng():
+            scratch = OnlineLearner(self.config, threads=None, micro_batch=self.micro_batch)
+            scratch.step([{}], np.zeros(1), np.zeros(1))
+            scratch.predict([{}])
 
     def _optimizer_params(self) -> tuple[np.ndarray, ...]:
         """Per-slot ``(kind, lr, ftrl beta, l1, l2)`` arrays for the kernels."""

@@ -477,6 +477,7 @@ class Trainer:
         self._consumer.subscribe([self.settings.topic_events], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke)
         self.ensure_checkpoint()
+        self.learner.warm_up()
         wait = self.settings.trainer_batch_max_wait_ms / 1000.0
         size = self.settings.trainer_batch_max_events
         try:
