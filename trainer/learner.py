@@ -116,6 +116,7 @@ class OnlineLearner:
         self.width = int(self.dims.sum())
         self.starts = np.array(config.slot_starts, dtype=np.int64)
         self.fm_dim = config.fm_dim
+        self.sides = np.array(config.slot_sides, dtype=np.int64)
         self.bias_lr = config.wide.bias_learning_rate
         # Learning steps that started changing state: a caller that sees this unchanged after
         # an exception knows the failed step left the model as it was.
@@ -169,7 +170,7 @@ class OnlineLearner:
         x = self.pooled(batch)
         with torch.no_grad():
             deep = self.model(torch.from_numpy(x)).numpy().astype(np.float64)
-        z = deep + wide.wide_logits(x, self.starts, self.fm_dim)
+        z = deep + wide.wide_logits(x, self.starts, self.fm_dim, self.sides)
         return 1.0 / (1.0 + np.exp(-z))
 
     def predict(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -212,7 +213,7 @@ class OnlineLearner:
             deep = self.model(torch.from_numpy(x))
             wide.learn_wide(ws.W, ws.S1, ws.S2, ws.loc, ws.offs, lo, hi, self.starts,
                             self.dims, kinds, lrs, np.full_like(lrs, self.bias_lr), betas, l1s, l2s,
-                            self.fm_dim,
+                            self.fm_dim, self.sides,
                             deep.detach().numpy().astype(np.float64), offset, y, probs,
                             wide_logit, scratch)
             # The deep part learns the residual of the wide part as it predicted.
