@@ -119,27 +119,45 @@ class _SlotEncoder:
         """The jagged IDs of a column of raw values (``None``: no value, an empty bag)."""
         n = len(values)
         if self._single:
-            # The common case in one list pass: every value present and memoized to one ID.
-            get = self._single_memo.get
-            for _ in range(2):
-                try:  # a miss is a None, which fromiter refuses
-                    ids = np.fromiter(map(get, values), dtype=np.int64, count=n)
-                    return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
-                except TypeError:  # memoize the misses, then once more
-                    try:
-                        misses = {v for v in values if get(v) is None}
-                    except TypeError:  # an unhashable value: the general path below
-                        break
-                    if None in misses:  # an absent value is an empty bag: the general path
-                        break
-                    for v in misses:
-                        self._ids_of(v)
-        bags = list(map(self._ids_of, values))
+            # The common case in one C-level pass: every value present and memoized to one ID
+            # (a miss is a None, which fromiter refuses: then the path below memoizes it).
+            try:
+                ids = np.fromiter(map(self._single_memo.get, values), dtype=np.int64, count=n)
+                return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
+            except TypeError:
+                pass
+        bags = self._bags(values)
         lengths = list(map(len, bags))
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter(chain.from_iterable(bags), dtype=np.int64, count=int(offsets[-1]))
         return SlotIds(ids, offsets)
+
+    def _bags(self, values: Sequence[Any]) -> list[tuple[int, ...]]:
+        """Each value's IDs: memo hits in C-level passes, then the misses one by one.
+
+        Keys are the values, lists as tuples (as :meth:`_ids_of` keys them); a column mixing
+        lists with other types, or holding unhashable values, goes value by value.
+        """
+        kinds = set(map(type, values))
+        if list in kinds:
+            if len(kinds) > 1:
+                return list(map(self._ids_of, values))
+            keys: Sequence[Any] = list(map(tuple, values))
+        else:
+            keys = values
+        try:
+            bags = list(map(self._memo.get, keys))
+        except TypeError:  # unhashable inside (a list in a list)
+            return list(map(self._ids_of, values))
+        i = -1
+        try:
+            while True:  # each miss: one C-level scan from the last one
+                i = bags.index(None, i + 1)
+                bags[i] = self._ids_of(values[i])
+        except ValueError:  # no miss left
+            pass
+        return bags
 
 
 class Featurizer:
