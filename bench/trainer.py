@@ -51,9 +51,9 @@ from freshrec.devstack import LocalStack
 from freshrec.kafka import consumer_config
 from freshrec.replay import replay
 from freshrec.runtime import apply_thread_budget, cpu_budget, tune_gc
-from freshrec.settings import Settings, default_model_config_path
+from freshrec.settings import DEFAULT_MICRO_BATCH, Settings, default_model_config_path
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
-from trainer.learner import DEFAULT_MICRO_BATCH, OnlineLearner
+from trainer.learner import OnlineLearner
 from trainer.loop import Trainer
 from trainer.progressive import auc, logloss
 
@@ -399,6 +399,7 @@ def main() -> None:
     args = parser.parse_args()
     require_shipped_extras()
     apply_thread_budget(cpu_budget())  # as `freshrec trainer` sizes its pools
+    tune_gc()  # and collects garbage: the in-process stage costs measure the shipped process
     quick = args.quick
     started = time.perf_counter()
     config = load_model_config(default_model_config_path())

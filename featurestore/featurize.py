@@ -15,6 +15,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
+from operator import attrgetter, itemgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from featurestore.schema import ModelConfig, SlotConfig, SlotKind, SlotSide
 _MASK63 = (1 << 63) - 1
 _INT64_MIN, _INT64_MAX = -(1 << 63) + 1, (1 << 63) - 1  # int64 min is the table's sentinel
 _hash = xxhash.xxh64_intdigest
+_FEATURES = attrgetter("features")
 
 
 def encode_value(value: Any) -> int:
@@ -117,24 +119,45 @@ class _SlotEncoder:
         """The jagged IDs of a column of raw values (``None``: no value, an empty bag)."""
         n = len(values)
         if self._single:
-            # The common case in one list pass: every value present and memoized to one ID.
-            get = self._single_memo.get
+            # The common case in one C-level pass: every value present and memoized to one ID
+            # (a miss is a None, which fromiter refuses: then the path below memoizes it).
             try:
-                ids = [get(v) for v in values]
-                if None in ids:  # memoize the misses, then once more
-                    for v in {v for v, i in zip(values, ids, strict=True) if i is None}:
-                        self._ids_of(v)
-                    ids = [get(v) for v in values]
-            except TypeError:  # an unhashable value: the general path below
-                ids = [None]
-            if None not in ids:
-                return SlotIds(np.array(ids, dtype=np.int64), np.arange(n + 1, dtype=np.int64))
-        bags = list(map(self._ids_of, values))
+                ids = np.fromiter(map(self._single_memo.get, values), dtype=np.int64, count=n)
+                return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
+            except TypeError:
+                pass
+        bags = self._bags(values)
         lengths = list(map(len, bags))
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter(chain.from_iterable(bags), dtype=np.int64, count=int(offsets[-1]))
         return SlotIds(ids, offsets)
+
+    def _bags(self, values: Sequence[Any]) -> list[tuple[int, ...]]:
+        """Each value's IDs: memo hits in C-level passes, then the misses one by one.
+
+        Keys are the values, lists as tuples (as :meth:`_ids_of` keys them); a column mixing
+        lists with other types, or holding unhashable values, goes value by value.
+        """
+        kinds = set(map(type, values))
+        if list in kinds:
+            if len(kinds) > 1:
+                return list(map(self._ids_of, values))
+            keys: Sequence[Any] = list(map(tuple, values))
+        else:
+            keys = values
+        try:
+            bags = list(map(self._memo.get, keys))
+        except TypeError:  # unhashable inside (a list in a list)
+            return list(map(self._ids_of, values))
+        i = -1
+        try:
+            while True:  # each miss: one C-level scan from the last one
+                i = bags.index(None, i + 1)
+                bags[i] = self._ids_of(values[i])
+        except ValueError:  # no miss left
+            pass
+        return bags
 
 
 class Featurizer:
@@ -163,20 +186,34 @@ class Featurizer:
                          ) -> SparseBatch:
         """IDs straight from parsed events (anything with ``user_id``, ``item_id`` and a
         ``features`` dict), without building a record per event."""
+        slots = self._slots(side)
+        columns = self._feature_columns(events, [s.source for s in slots
+                                                 if s.source not in ("user_id", "item_id")])
         out = {}
-        features: list[Mapping[str, Any]] | None = None
-        for s in self._slots(side):
+        for s in slots:
             src = s.source
-            if src == "user_id":
-                column = [e.user_id for e in events]
-            elif src == "item_id":
-                column = [e.item_id for e in events]
-            else:
-                if features is None:
-                    features = [e.features for e in events]
-                column = [f.get(src) for f in features]
+            column = (list(map(attrgetter(src), events)) if src in ("user_id", "item_id")
+                      else columns[src])
             out[s.name] = self._encoders[s.name].encode(column)
         return SparseBatch(len(events), out)
+
+    @staticmethod
+    def _feature_columns(events: Sequence[Any], names: list[str]) -> dict[str, Sequence[Any]]:
+        """The values of feature ``names`` of every event, column by column (``None``: absent).
+
+        One C-level ``itemgetter`` call per event fetches all of them (then one transpose);
+        a batch where some event lacks one of them takes one ``get`` per event and name.
+        """
+        if not names:
+            return {}
+        features = list(map(_FEATURES, events))
+        if len(names) > 1 and features:
+            try:
+                rows = map(itemgetter(*names), features)
+                return dict(zip(names, zip(*rows, strict=True), strict=True))
+            except KeyError:
+                pass
+        return {name: list(map(methodcaller("get", name), features)) for name in names}
 
 
 def bandit_keys(item_ids: Sequence[Any]) -> np.ndarray:

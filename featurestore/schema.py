@@ -131,6 +131,12 @@ class ModelConfig(_Frozen):
         return min(s.dim for s in self.slots) - 1 if fm is None else fm
 
     @property
+    def slot_sides(self) -> tuple[int, ...]:
+        """0 for a user-side slot, 1 for an item-side one, in slot order: the wide part's FM
+        pairs a user-side slot with an item-side one (``trainer.wide``)."""
+        return tuple(0 if s.side is SlotSide.USER else 1 for s in self.slots)
+
+    @property
     def slot_starts(self) -> tuple[int, ...]:
         """Column where each slot's pooled vector starts in the model input, in slot order."""
         starts, col = [], 0

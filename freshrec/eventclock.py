@@ -88,6 +88,19 @@ class EventClock:
             self._ring[start:start + first] = t[:first]
             self._ring[:t.size - first] = t[first:]
             self._n += t.size
+        return self._advance()
+
+    def observe_one(self, ts: float) -> float:
+        """:meth:`observe` of one event time, without building an array (the joiner calls this
+        once per message: the array path's numpy calls cost more than the rest of it)."""
+        if not math.isfinite(ts):
+            return self._now
+        self._ring[self._n % self.window] = ts
+        self._n += 1
+        return self._advance()
+
+    def _advance(self) -> float:
+        """Recompute the watermark every ``window / 16`` observations; it never moves back."""
         if self._n - self._computed_at < self._every and self._now != -math.inf:
             return self._now
         self._computed_at = self._n
@@ -157,7 +170,7 @@ class PartitionedClock:
         if clock is None:
             clock = self._clocks[partition] = EventClock(self.window, self.quantile)
         before = clock.now
-        after = clock.observe([ts])
+        after = clock.observe_one(ts)
         if after != before:
             self._now = min(c.now for c in self._clocks.values())
         return self._now

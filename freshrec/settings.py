@@ -18,6 +18,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "FRESHREC_"
+# Slice size of the deep part's steps (``trainer.learner``); measured in docs/trainer.md.
+DEFAULT_MICRO_BATCH = 512
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -62,10 +64,10 @@ class Settings(BaseSettings):
     trainer_group_id: str = "freshrec-trainer"
     trainer_batch_max_events: PositiveInt = 2048
     trainer_batch_max_wait_ms: PositiveInt = 20
-    # A consumed batch is learned in slices of this many events, each predicted by the model
-    # that learned the previous slices: smaller is fresher and more accurate, larger is faster
-    # (docs/trainer.md has the measured trade-off).
-    trainer_micro_batch: PositiveInt = 64
+    # The deep part learns a consumed batch in slices of this many events, each predicted by
+    # dense weights that learned the previous slices (the wide part learns every event before
+    # the next at any setting): smaller is fresher, larger is faster (docs/trainer.md).
+    trainer_micro_batch: PositiveInt = DEFAULT_MICRO_BATCH
     trainer_checkpoint_dir: Path = Path("var/checkpoints")
     trainer_checkpoint_interval_s: PositiveFloat = 30.0
     trainer_publish_interval_ms: PositiveInt = 200

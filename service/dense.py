@@ -32,6 +32,7 @@ class NumpyCTR:
         self.arch = model.arch
         self.bias = np.float32(model.bias.detach().numpy()[0])
         self.slot_starts = model.slot_starts.copy()
+        self.slot_sides = model.slot_sides.copy()
         self.fm_dim = model.fm_dim
         if self.arch == "lr":
             self.linear = _affine(model.linear)
@@ -58,7 +59,7 @@ class NumpyCTR:
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Logits ``(batch,)`` float64 for inputs ``(batch, sum of slot dims)`` float32."""
-        return self.deep_logits(x) + wide_logits(x, self.slot_starts, self.fm_dim)
+        return self.deep_logits(x) + wide_logits(x, self.slot_starts, self.fm_dim, self.slot_sides)
 
     def deep_logits(self, x: np.ndarray) -> np.ndarray:
         """``CTRModel.forward``: the deep logits ``(batch,)`` float32."""

@@ -121,7 +121,8 @@ class Scorer:
         """The same through torch (the trainer's code path; kept as the benchmark baseline)."""
         with torch.inference_mode():
             deep = snapshot.model(torch.from_numpy(x)).numpy().astype(np.float64)
-        z = deep + wide_logits(x, snapshot.model.slot_starts, snapshot.model.fm_dim)
+        m = snapshot.model
+        z = deep + wide_logits(x, m.slot_starts, m.fm_dim, m.slot_sides)
         return 1.0 / (1.0 + np.exp(-z))
 
     def _bandit_keys(self, items: Sequence[tuple[str, Mapping[str, Any]]],

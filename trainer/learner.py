@@ -31,11 +31,9 @@ from featurestore.featurize import Featurizer, SparseBatch
 from featurestore.hashmap import unique_rows
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
+from freshrec.settings import DEFAULT_MICRO_BATCH
 from trainer import wide
 from trainer.model import CTRModel, make_dense_optimizer
-
-# Slice size for the deep part (see OnlineLearner); measured in docs/trainer.md.
-DEFAULT_MICRO_BATCH = 512
 
 
 @dataclass(frozen=True)
@@ -118,10 +116,23 @@ class OnlineLearner:
         self.width = int(self.dims.sum())
         self.starts = np.array(config.slot_starts, dtype=np.int64)
         self.fm_dim = config.fm_dim
+        self.sides = np.array(config.slot_sides, dtype=np.int64)
         self.bias_lr = config.wide.bias_learning_rate
         # Learning steps that started changing state: a caller that sees this unchanged after
         # an exception knows the failed step left the model as it was.
         self.mutations = 0
+
+    def warm_up(self) -> None:
+        """Load every compiled kernel and torch's first-call paths before the first batch.
+
+        numba compiles (or loads from its cache) on first call, ~0.5 s: without this the
+        first consumed batch pays it. A throwaway learner of the same config learns one empty
+        example; this learner's state and torch's random state are left as they were.
+        """
+        with torch.random.fork_rng():
+            scratch = OnlineLearner(self.config, threads=None, micro_batch=self.micro_batch)
+            scratch.step([{}], np.zeros(1), np.zeros(1))
+            scratch.predict([{}])
 
     def _optimizer_params(self) -> tuple[np.ndarray, ...]:
         """Per-slot ``(kind, lr, ftrl beta, l1, l2)`` arrays for the kernels."""
@@ -159,7 +170,7 @@ class OnlineLearner:
         x = self.pooled(batch)
         with torch.no_grad():
             deep = self.model(torch.from_numpy(x)).numpy().astype(np.float64)
-        z = deep + wide.wide_logits(x, self.starts, self.fm_dim)
+        z = deep + wide.wide_logits(x, self.starts, self.fm_dim, self.sides)
         return 1.0 / (1.0 + np.exp(-z))
 
     def predict(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -202,7 +213,7 @@ class OnlineLearner:
             deep = self.model(torch.from_numpy(x))
             wide.learn_wide(ws.W, ws.S1, ws.S2, ws.loc, ws.offs, lo, hi, self.starts,
                             self.dims, kinds, lrs, np.full_like(lrs, self.bias_lr), betas, l1s, l2s,
-                            self.fm_dim,
+                            self.fm_dim, self.sides,
                             deep.detach().numpy().astype(np.float64), offset, y, probs,
                             wide_logit, scratch)
             # The deep part learns the residual of the wide part as it predicted.

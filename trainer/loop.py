@@ -28,6 +28,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -70,6 +71,8 @@ from trainer.model import (
 from trainer.progressive import ProgressiveWindow
 
 log = logging.getLogger("freshrec.trainer")
+# Field readers of parsed events (C-level, for whole-batch passes).
+_EVENT_ID, _LABEL, _TS, _SAMPLE_RATE = map(attrgetter, ("event_id", "label", "ts", "sample_rate"))
 
 MAX_DLQ_VALUE_BYTES = 256 * 1024
 # Below this many rows a table is small enough that expiring it all in one sweep is no threat.
@@ -261,25 +264,34 @@ class Trainer:
         """Parse, dead-letter, learn; returns the number of events trained."""
         events: list[AnyLabeledEvent] = []
         sources: list[Message] = []
+        offsets = self.offsets
+        skew = self.settings.event_max_future_skew_s
+        # One wall-clock reading per batch: a consumed batch spans milliseconds against a
+        # skew of minutes. The reason is worded by future_skew_reason for the events past it.
+        wall = time.time()
+        latest = wall + skew
+        culprits = self._culprits
+        parse, append, source = parse_labeled_event, events.append, sources.append
         for msg in messages:
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", err)
                 continue
-            self.offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
+            offsets[(msg.topic(), msg.partition())] = msg.offset() + 1
             try:
-                event = parse_labeled_event(msg.value() or b"")
+                event = parse(msg.value() or b"")
             except EventRejected as exc:
                 self._dead_letter(msg, exc.reason)
                 continue
-            reason = (future_skew_reason(event.ts, self.settings.event_max_future_skew_s)
-                      or self._culprits.pop(event.event_id, None))
-            if reason is not None:
-                self._dead_letter(msg, reason)
-                continue
-            events.append(event)
-            sources.append(msg)
+            if event.ts > latest or culprits:
+                reason = (future_skew_reason(event.ts, skew, wall)
+                          or culprits.pop(event.event_id, None))
+                if reason is not None:
+                    self._dead_letter(msg, reason)
+                    continue
+            append(event)
+            source(msg)
         try:
             trained = self._learn_or_isolate(events, sources) if events else 0
         except StateDamaged as exc:
@@ -298,7 +310,7 @@ class Trainer:
         ever learned twice into the same state. A batch holding suspects of an earlier such
         failure is learned one event at a time, which pins the culprit down.
         """
-        if not self._suspects.intersection(e.event_id for e in events):
+        if not (self._suspects and not self._suspects.isdisjoint(map(_EVENT_ID, events))):
             try:
                 self.learn(events)
                 return len(events)
@@ -362,10 +374,10 @@ class Trainer:
         """
         started = time.perf_counter()
         batch = self.learner.featurizer.featurize_events(events)
-        labels = np.fromiter((e.label for e in events), dtype=np.float64, count=len(events))
-        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
+        labels = np.fromiter(map(_LABEL, events), dtype=np.float64, count=len(events))
+        ts = np.fromiter(map(_TS, events), dtype=np.float64, count=len(events))
         offsets = None
-        if any(e.sample_rate is not None for e in events):
+        if any(map(_SAMPLE_RATE, events)):  # a rate is > 0 when set
             # Negatives kept at rate r: learn on logit - log r so the served logit stays
             # calibrated (the joiner's log-odds correction, applied at train time).
             offsets = np.array([-log_odds_correction(e.sample_rate or 1.0) for e in events])
@@ -477,6 +489,7 @@ class Trainer:
         self._consumer.subscribe([self.settings.topic_events], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke)
         self.ensure_checkpoint()
+        self.learner.warm_up()
         wait = self.settings.trainer_batch_max_wait_ms / 1000.0
         size = self.settings.trainer_batch_max_events
         try:

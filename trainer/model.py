@@ -35,7 +35,8 @@ def _mlp(width: int, hidden: tuple[int, ...]) -> tuple[nn.Sequential, int]:
 class CTRModel(nn.Module):
     """Deep logit from pooled per-slot embeddings ``(batch, sum of slot dims)``.
 
-    ``slot_starts`` and ``fm_dim`` describe the input for the wide part that is added to it.
+    ``slot_starts``, ``slot_sides`` and ``fm_dim`` describe the input for the wide part that
+    is added to it (``trainer.wide``).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -45,6 +46,7 @@ class CTRModel(nn.Module):
         width = sum(self.slot_dims)
         self.bias = nn.Parameter(torch.zeros(1))
         self.slot_starts = np.array(config.slot_starts, dtype=np.int64)
+        self.slot_sides = np.array(config.slot_sides, dtype=np.int64)
         self.fm_dim = config.fm_dim
         if self.arch == "lr":
             self.linear = nn.Linear(width, 1)
@@ -86,9 +88,9 @@ def make_dense_optimizer(model: CTRModel, config: ModelConfig) -> torch.optim.Op
     if config.dense.optimizer == "adagrad":
         return torch.optim.Adagrad(model.parameters(), lr=lr, initial_accumulator_value=0.1,
                                    foreach=True)
-    # foreach: one kernel per op over all parameters; per-parameter loops cost more than the
-    # math at micro-batch sizes.
-    return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    # fused: one compiled kernel for the whole update of every parameter; per-parameter loops
+    # (and even foreach's op-by-op passes) cost more than the math at these sizes.
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:

@@ -69,3 +69,24 @@ def test_memoized_encoding_and_the_event_path_match_the_plain_encoding() -> None
             np.testing.assert_array_equal(got.slots[name].offsets, slot.offsets)
     direct = [encode_value(r["user_id"]) for r in records]
     np.testing.assert_array_equal(want.slots["user"].ids, direct)
+
+
+def test_event_path_with_every_feature_present_matches_the_plain_encoding() -> None:
+    """Batches where every event has every feature take the one-getter-per-event path."""
+    from types import SimpleNamespace
+
+    names = [s.source for s in CONFIG.slots if s.source not in ("user_id", "item_id")]
+    values = {"age": "31", "gender": "F", "occupation": "writer", "zip_prefix": "94",
+              "genres": ["Drama", "War"], "release_year": 1994}
+    assert set(values) == set(names)
+    events = [SimpleNamespace(user_id=f"u{i}", item_id=i % 3,
+                              features=values | {"age": 18 + i, "genres": ["x"] * (i % 3)})
+              for i in range(20)]
+    want = Featurizer(CONFIG, max_entries=1).featurize(
+        [event_record(e.user_id, e.item_id, e.features) for e in events])
+    got = Featurizer(CONFIG).featurize_events(events)
+    for name, slot in want.slots.items():
+        np.testing.assert_array_equal(got.slots[name].ids, slot.ids)
+        np.testing.assert_array_equal(got.slots[name].offsets, slot.offsets)
+    empty = Featurizer(CONFIG).featurize_events([])
+    assert empty.size == 0 and all(len(s.offsets) == 1 for s in empty.slots.values())

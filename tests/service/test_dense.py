@@ -28,7 +28,7 @@ def test_numpy_forward_equals_torch(arch: str, hidden: tuple[int, ...]) -> None:
     x[7] = 0.0  # an all-unknown candidate
     with torch.inference_mode():
         deep = model(torch.from_numpy(x)).numpy()
-    logits = deep + wide_logits(x, model.slot_starts, model.fm_dim)
+    logits = deep + wide_logits(x, model.slot_starts, model.fm_dim, model.slot_sides)
     want = 1.0 / (1.0 + np.exp(-logits))
     dense = NumpyCTR(model)
     np.testing.assert_allclose(dense.deep_logits(x), deep, rtol=1e-5, atol=1e-5)
