@@ -100,7 +100,10 @@ class KafkaSink:
     def _renewed_after(self, failed: Producer, exc: KafkaException) -> bool:
         """Replace ``failed`` by a new producer if ``exc`` is fatal; True if one is in place."""
         err = exc.args[0] if exc.args else None
-        if self.make_producer is None or not (isinstance(err, KafkaError) and err.fatal()):
+        # The error that made the producer fatal carries ``fatal()``; every produce call after
+        # it fails with code ``_FATAL`` and no flag.
+        fatal = isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+        if self.make_producer is None or not fatal:
             return False
         with self._replace_lock:
             if self.producer is failed:  # not already replaced by the other thread

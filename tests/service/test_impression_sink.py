@@ -35,6 +35,11 @@ def _fatal() -> KafkaException:
     return KafkaException(KafkaError(KafkaError._FATAL, "unknown producer id", fatal=True))
 
 
+def _after_fatal() -> KafkaException:
+    """What every produce call raises once the producer is fatal: code _FATAL, no flag."""
+    return KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message"))
+
+
 def _unknown_topic() -> KafkaException:
     return KafkaException(KafkaError(KafkaError._UNKNOWN_TOPIC, "no such topic"))
 
@@ -43,8 +48,9 @@ def _metrics() -> ServiceMetrics:
     return ServiceMetrics(registry=CollectorRegistry())
 
 
-def test_a_fatal_error_gets_a_new_producer_and_the_message_goes_through() -> None:
-    broken, fresh = _FakeProducer([_fatal()]), _FakeProducer()
+@pytest.mark.parametrize("error", [_fatal, _after_fatal])
+def test_a_fatal_error_gets_a_new_producer_and_the_message_goes_through(error) -> None:
+    broken, fresh = _FakeProducer([error()]), _FakeProducer()
     metrics = _metrics()
     sink = KafkaSink(broken, "imps", 10, metrics, make_producer=lambda: fresh)
     sink.produce_now("events", b"u1", b"e1")
