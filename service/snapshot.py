@@ -264,10 +264,14 @@ class SnapshotFollower:
             self.metrics.snapshot_updates.labels("delta").inc()
         self._gauges()
 
-    async def run(self) -> None:
-        """Follow forever (cancel the task to stop)."""
+    async def run(self, until: asyncio.Event | None = None) -> None:
+        """Follow until ``until`` is set, or forever (cancel the task to stop).
+
+        ``until`` stops between two steps, never inside a Redis command: redis-py's asyncio
+        cluster client was seen to swallow a cancellation that lands mid-command and retry.
+        """
         backoff = 0.05
-        while True:
+        while until is None or not until.is_set():
             try:
                 await self.step()
                 backoff = 0.05
