@@ -17,6 +17,11 @@ from redis.cluster import RedisCluster
 
 from freshrec.settings import Settings
 
+# What "Redis is unavailable" looks like: a cluster whose slot lost its master raises
+# SlotNotCoveredError, which is not a RedisError.
+REDIS_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+
 
 def is_cluster(url: str, timeout_s: float = 2.0) -> bool:
     """Whether the server at ``url`` runs in cluster mode (False when unreachable)."""
@@ -56,4 +61,4 @@ def async_redis_client(settings: Settings, **kwargs: Any) -> aredis.Redis | Asyn
     return aredis.Redis.from_url(settings.redis_url, **kwargs)
 
 
-__all__ = ["async_redis_client", "is_cluster", "redis_client"]
+__all__ = ["REDIS_UNAVAILABLE", "async_redis_client", "is_cluster", "redis_client"]

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import redis
 
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.schema import ModelConfig
@@ -49,7 +48,7 @@ from featurestore.snapshot_types import BanditHeader, BanditRows, SnapshotData
 from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.metrics import TrainerMetrics
-from freshrec.redis_client import redis_client
+from freshrec.redis_client import REDIS_UNAVAILABLE, redis_client
 from freshrec.settings import Settings
 from trainer.model import CTRModel, model_arrays
 
@@ -375,7 +374,7 @@ class Publisher:
                 self._delta, wrote = None, True
                 self.metrics.publish_pending_rows.set(0)
             return wrote
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             self.errors += 1
             self.metrics.publishes.labels("error").inc()
             self.metrics.publish_failures.inc()
