@@ -1,8 +1,13 @@
 """Where a model's serving state sits in Redis: every key name, and which shard an ID lives in.
 
-The one place that knows the key layout (Redis Cluster hash tags per ID bucket will be a change
-here only). All keys of one model share the hash tag ``{model}``, so they live in one Redis
-Cluster slot and a publish can be one MULTI/EXEC transaction.
+The one place that knows the key layout. A *chain* is one meta hash, one update stream and the
+rows they announce, all under one Redis Cluster hash tag, so a publish to a chain is one
+MULTI/EXEC transaction. The unbucketed layout is one chain, tag ``{m}``. The bucketed layout
+(``snapshot_buckets`` > 0, :mod:`featurestore.snapshot_buckets`) has a head chain ``{m}`` that
+carries only the dense weights, centroids and meta, plus one chain per ID bucket, tag
+``{m:b<k>}`` (the table below with ``{m:b<k>}`` in place of ``{m}``), that carries the rows of
+the IDs in bucket ``k``. Different tags hash to different slots, so a model spreads over every
+master of a cluster.
 
 ===========================================  ===============================================
 key                                          contents
@@ -35,10 +40,11 @@ import numpy as np
 
 
 class Keys:
-    """Key names of one model; ``{model}`` is the Redis Cluster hash tag."""
+    """Key names of one chain: the model's head ``{model}`` or its bucket ``{model:b<k>}``."""
 
-    def __init__(self, model: str) -> None:
-        self.prefix = f"fr:{{{model}}}"
+    def __init__(self, model: str, bucket: int | None = None) -> None:
+        tag = model if bucket is None else f"{model}:b{bucket}"
+        self.prefix = f"fr:{{{tag}}}"
         self.meta = f"{self.prefix}:meta"
         self.updates = f"{self.prefix}:updates"
         self.centroids = f"{self.prefix}:centroids"
@@ -68,4 +74,23 @@ def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:
     )
 
 
-__all__ = ["Keys", "shard_of"]
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def bucket_of(ids: np.ndarray, n_buckets: int) -> np.ndarray:
+    """ID bucket of each ID (which chain holds its row, which trainer rank owns it).
+
+    Mixed first (splitmix64's finalizer), not a plain modulo like :func:`shard_of`: with a
+    modulo both ways, every ID of a bucket would fall into the same shard within it, and
+    small sequential IDs would fill buckets in order.
+    """
+    x = np.asarray(ids, dtype=np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _MIX1
+        x = (x ^ (x >> np.uint64(27))) * _MIX2
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(n_buckets)).astype(np.int64)
+
+
+__all__ = ["Keys", "bucket_of", "shard_of"]

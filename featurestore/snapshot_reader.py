@@ -94,7 +94,7 @@ def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
     first = True
     dense_fields: dict[bytes, bytes] = {}
     cent_fields: dict[bytes, bytes] = {}
-    while cursors:
+    while cursors or first:  # a chain without rows (the bucketed head) still reads its blobs
         order = list(cursors)
         cmds: list[Command] = [
             ("eval", (_SCAN_ROWS, 1, scans[i][1], cursors[i], SCAN_COUNT,
@@ -115,19 +115,19 @@ def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
                 cursors[i] = cursor
 
     def assemble() -> FullSnapshot:
-        if not dense_fields:
+        if not dense_fields and meta.dense_version:  # 0: a bucket chain, no dense weights
             raise SnapshotFormatError(f"dense weights version {meta.dense_version} missing")
         emb = {}
         for slot, dim in meta.slots.items():
-            ids, rows = decode_records(blobs[slot], dim, dtype)
+            ids, rows = decode_records(blobs.get(slot, []), dim, dtype)
             emb[slot] = (ids, rows.astype(np.float32))
         bandit = None
         if meta.bandit is not None:
-            ids, packed = decode_records(blobs[""], bandit_width, F64)
+            ids, packed = decode_records(blobs.get("", []), bandit_width, F64)
             bandit = bandit_rows(ids, packed, meta.bandit.n_clusters)
         centroids = decode_arrays(cent_fields) if cent_fields else None
-        return FullSnapshot(meta, stream_id, emb, decode_arrays(dense_fields), bandit,
-                            centroids)
+        dense = decode_arrays(dense_fields) if dense_fields else {}
+        return FullSnapshot(meta, stream_id, emb, dense, bandit, centroids)
 
     return assemble
 
@@ -195,7 +195,10 @@ def _delta_plan(keys: Keys, meta: SnapshotMeta, update: Update, current_dense: i
 
 def _queue(pipe: Any, cmds: list[Command]) -> None:
     for name, args in cmds:
-        getattr(pipe, name)(*args)
+        if name == "eval":  # a cluster pipeline has no eval(); the raw command routes by key
+            pipe.execute_command("EVAL", *args)
+        else:
+            getattr(pipe, name)(*args)
 
 
 def _run(r: redis.Redis, plan: Plan) -> Callable[[], Any]:
@@ -233,10 +236,12 @@ async def _arun(r: aredis.Redis, plan: Plan) -> Callable[[], Any]:
 class SnapshotReader:
     """Synchronous reads of one model's snapshot."""
 
-    def __init__(self, client: redis.Redis, model_name: str) -> None:
+    def __init__(self, client: redis.Redis, model_name: str, *,
+                 bucket: int | None = None) -> None:
         self.r = client
         self.model = model_name
-        self.keys = Keys(model_name)
+        self.bucket = bucket
+        self.keys = Keys(model_name, bucket)
 
     # -- reads --
 
@@ -276,9 +281,10 @@ class SnapshotReader:
 class AsyncSnapshotReader:
     """The service's side: the same reads over ``redis.asyncio`` (blocking XREAD follows)."""
 
-    def __init__(self, client: aredis.Redis, model_name: str) -> None:
+    def __init__(self, client: aredis.Redis, model_name: str, *,
+                 bucket: int | None = None) -> None:
         self.r = client
-        self.keys = Keys(model_name)
+        self.keys = Keys(model_name, bucket)
 
     async def read_meta(self) -> SnapshotMeta | None:
         return SnapshotMeta.decode(await self.r.hgetall(self.keys.meta))

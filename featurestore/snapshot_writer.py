@@ -42,10 +42,11 @@ class SnapshotStore(SnapshotReader):
     """
 
     def __init__(self, client: redis.Redis, model_name: str, *, row_dtype: str = "float32",
-                 emb_shards: int = 16, bandit_shards: int = 16) -> None:
+                 emb_shards: int = 16, bandit_shards: int = 16,
+                 bucket: int | None = None) -> None:
         if row_dtype not in ROW_DTYPES:
             raise ValueError(f"row_dtype must be one of {ROW_DTYPES}")
-        super().__init__(client, model_name)
+        super().__init__(client, model_name, bucket=bucket)
         self.row_dtype = row_dtype
         self.emb_shards = emb_shards
         self.bandit_shards = bandit_shards
@@ -98,8 +99,9 @@ class SnapshotStore(SnapshotReader):
         block Redis in one giant transaction); the switch — meta, stream entry, expiry of the
         previous generation — is one transaction. Returns the new generation.
         """
-        if data.dense is None:
+        if data.dense is None and self.bucket is None:
             raise ValueError("a full snapshot needs the dense weights")
+        dense_version = version if data.dense is not None else 0  # 0: a bucket chain
         now = time.time() if now is None else now
         generation = uuid.uuid4().hex[:12]
         old = self.read_meta()
@@ -121,14 +123,15 @@ class SnapshotStore(SnapshotReader):
                 self._queue_bandit(pipe, generation, BanditRows(b.item_ids[sl], b.t[sl],
                                                                 b.d[sl], b.b[sl]))
                 pipe.execute()
-        self._queue_blob(pipe, self.keys.dense(version), data.dense)
+        if data.dense is not None:
+            self._queue_blob(pipe, self.keys.dense(version), data.dense)
         if data.centroids is not None:
             self._queue_blob(pipe, self.keys.centroids, data.centroids)
         pipe.execute()
         # Then the atomic switch.
         tx = self.r.pipeline(transaction=True)
         meta = {
-            "version": version, "dense_version": version,
+            "version": version, "dense_version": dense_version,
             "centroids_version": version if data.centroids is not None else 0,
             "schema_hash": schema_hash,
             "created": created if created is not None else (old.created if old else now),
@@ -140,7 +143,7 @@ class SnapshotStore(SnapshotReader):
         tx.delete(self.keys.meta)
         tx.hset(self.keys.meta, mapping=meta)
         entry = {"kind": "full", "v": version, "pv": prev_version, "g": generation, "ts": now,
-                 "dv": version, "cv": meta["centroids_version"]}
+                 "dv": dense_version, "cv": meta["centroids_version"]}
         if data.bandit_header:
             entry["bh"] = data.bandit_header.to_json()
         tx.xadd(self.keys.updates, entry, maxlen=STREAM_MAXLEN, approximate=True)
@@ -148,7 +151,7 @@ class SnapshotStore(SnapshotReader):
             for k in self.keys.generation_keys(old.generation, old.slots, old.emb_shards,
                                                old.bandit_shards):
                 tx.expire(k, OLD_GENERATION_TTL_S)
-            if old.dense_version != version:
+            if old.dense_version not in (0, dense_version):
                 tx.expire(self.keys.dense(old.dense_version), OLD_DENSE_TTL_S)
         tx.execute()
         return generation

@@ -84,6 +84,17 @@ def wait_for_redis(url: str, timeout: float = 15.0) -> None:
     raise TimeoutError(f"Redis at {redact_url(url)} did not answer within {timeout:.0f}s")
 
 
+def stop_child(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a child still running, SIGKILL it if it outlives ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 @dataclass
 class LocalStack:
     """Broker + Redis (+ optional freshrec components) started as children of this process."""
@@ -179,13 +190,7 @@ class LocalStack:
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM every child (components first, infrastructure last), then SIGKILL laggards."""
         for _name, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(grace)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_child(proc, grace)
         self.children.clear()
 
     def __enter__(self) -> LocalStack:

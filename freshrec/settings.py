@@ -40,6 +40,13 @@ class Settings(BaseSettings):
     # May carry credentials (redis://:password@host:6379/0, redis://user:password@...): kept
     # out of repr, and shown anywhere else only through ``redact_url``.
     redis_url: str = Field("redis://127.0.0.1:16379/0", repr=False)
+    # Whether ``redis_url`` is a node of a Redis Cluster; unset: asked from the server at start.
+    redis_cluster: bool | None = None
+    # ID buckets of the serving snapshot: 0 keeps one key chain per model (one Redis slot);
+    # N > 0 gives every bucket its own chain and hash tag, so a model spreads over the masters
+    # of a Redis Cluster and trainer ranks each publish the buckets they own (docs/scale.md).
+    # Trainer and service must agree on it.
+    snapshot_buckets: Annotated[int, Field(ge=0, le=4096)] = 0
     topic_events: str = "freshrec.events"
     topic_impressions: str = "freshrec.impressions"
     topic_clicks: str = "freshrec.clicks"

@@ -19,11 +19,14 @@ from confluent_kafka import Producer
 from fastapi import FastAPI
 
 from featurestore.schema import ModelConfig, load_model_config
+from featurestore.snapshot_buckets import AsyncBucketedReader
 from featurestore.snapshot_reader import AsyncSnapshotReader
 from freshrec.kafka import producer_config
 from freshrec.metrics import ServiceMetrics
+from freshrec.redis_client import async_redis_client
 from freshrec.settings import Settings
 from service.auth import explain_write_access
+from service.bucketed import BucketedFollower
 from service.errors import install_error_handlers
 from service.impressions import KafkaSink
 from service.middleware import GuardAndMeasure
@@ -74,11 +77,17 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         torch_threads()
         explain_write_access(settings)
-        client = redis_client or aredis.Redis.from_url(
-            settings.redis_url, socket_timeout=10.0, socket_connect_timeout=2.0,
+        client = redis_client or await asyncio.to_thread(
+            async_redis_client, settings, socket_timeout=10.0, socket_connect_timeout=2.0,
             health_check_interval=15)
-        state.follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
-                                          config, metrics)
+        if settings.snapshot_buckets:
+            state.follower = BucketedFollower(
+                AsyncBucketedReader(client, settings.model_name, settings.snapshot_buckets),
+                config, metrics)
+        else:
+            state.follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
+                                              config, metrics)
+
         def new_producer() -> Producer:
             return Producer(producer_config(
                 settings.kafka_bootstrap, **{"linger.ms": settings.service_producer_linger_ms}))

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import redis
 import torch
 
 from bandit.diag_linucb import DiagLinUCB
@@ -36,6 +35,7 @@ from featurestore.snapshot_types import (
     Update,
 )
 from freshrec.metrics import ServiceMetrics
+from freshrec.redis_client import REDIS_UNAVAILABLE
 from service.dense import NumpyCTR
 from service.vectors import SlotChange, SlotVectors
 from trainer.model import CTRModel, load_model_arrays
@@ -264,16 +264,20 @@ class SnapshotFollower:
             self.metrics.snapshot_updates.labels("delta").inc()
         self._gauges()
 
-    async def run(self) -> None:
-        """Follow forever (cancel the task to stop)."""
+    async def run(self, until: asyncio.Event | None = None) -> None:
+        """Follow until ``until`` is set, or forever (cancel the task to stop).
+
+        ``until`` stops between two steps, never inside a Redis command: redis-py's asyncio
+        cluster client was seen to swallow a cancellation that lands mid-command and retry.
+        """
         backoff = 0.05
-        while True:
+        while until is None or not until.is_set():
             try:
                 await self.step()
                 backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (redis.RedisError, OSError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 self.connected = False
                 self._warn("redis unavailable, serving the last snapshot: %s", exc)
                 await asyncio.sleep(backoff)
@@ -284,7 +288,7 @@ class SnapshotFollower:
                 backoff = min(backoff * 2, 2.0)
                 try:
                     await self.load_full()
-                except (redis.RedisError, OSError, SnapshotFormatError) as again:
+                except (*REDIS_UNAVAILABLE, SnapshotFormatError) as again:
                     self._warn("reload failed: %s", again)
 
 

@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from freshrec.devstack import LocalStack
+from freshrec.redis_cluster import LocalRedisCluster
 from freshrec.settings import Settings, to_environ
 
 
@@ -25,6 +26,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     local.start()
     yield local
     local.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """A real 3-master Redis Cluster (about 3 s to start), shared by the session."""
+    cluster = LocalRedisCluster(masters=3, data_dir=tmp_path_factory.mktemp("redis-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @dataclass(frozen=True)

@@ -39,15 +39,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import redis
 
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.schema import ModelConfig
+from featurestore.snapshot_buckets import BucketedStore
 from featurestore.snapshot_merge import merge_deltas, pending_rows
 from featurestore.snapshot_types import BanditHeader, BanditRows, SnapshotData
 from featurestore.snapshot_writer import SnapshotStore
 from featurestore.table import TableSet
 from freshrec.metrics import TrainerMetrics
+from freshrec.redis_client import REDIS_UNAVAILABLE, redis_client
 from freshrec.settings import Settings
 from trainer.model import CTRModel, model_arrays
 
@@ -128,7 +129,7 @@ _STOP = "stop"
 class Publisher:
     """Publishes full snapshots and deltas of a trainer's state to a :class:`SnapshotStore`."""
 
-    def __init__(self, store: SnapshotStore, state: StateSource | PublishableState,
+    def __init__(self, store: SnapshotStore | BucketedStore, state: StateSource | PublishableState,
                  settings: Settings, metrics: TrainerMetrics | None = None, *,
                  background: bool = False) -> None:
         self.store = store
@@ -373,7 +374,7 @@ class Publisher:
                 self._delta, wrote = None, True
                 self.metrics.publish_pending_rows.set(0)
             return wrote
-        except (redis.RedisError, OSError) as exc:
+        except REDIS_UNAVAILABLE as exc:
             self.errors += 1
             self.metrics.publishes.labels("error").inc()
             self.metrics.publish_failures.inc()
@@ -448,10 +449,19 @@ def _same_centroids(a: Centroids | None, b: Centroids | None) -> bool:
 
 def make_publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics) -> Publisher:
     """The publisher of a trainer process (what ``trainer.main`` wires into the loop)."""
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0,
-                                  socket_connect_timeout=2.0)
-    store = SnapshotStore(client, settings.model_name)
-    return Publisher(store, _TrainerState(trainer), settings, metrics, background=True)
+    client = redis_client(settings, socket_timeout=5.0, socket_connect_timeout=2.0)
+    return Publisher(snapshot_store(settings, client), _TrainerState(trainer), settings,
+                     metrics, background=True)
 
 
-__all__ = ["Centroids", "PublishableState", "Publisher", "StateSource", "make_publisher"]
+def snapshot_store(settings: Settings, client: Any) -> SnapshotStore | BucketedStore:
+    """The store of the layout ``settings.snapshot_buckets`` asks for (docs/scale.md)."""
+    if settings.snapshot_buckets:
+        return BucketedStore(client, settings.model_name, n_buckets=settings.snapshot_buckets)
+    return SnapshotStore(client, settings.model_name)
+
+
+__all__ = [
+    "Centroids", "PublishableState", "Publisher", "StateSource", "make_publisher",
+    "snapshot_store",
+]  # fmt: skip

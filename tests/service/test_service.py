@@ -27,13 +27,15 @@ from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import Impression
 from featurestore.featurize import Featurizer, encode_value, event_record
 from featurestore.schema import ModelConfig, SlotSide, load_model_config
-from featurestore.snapshot_writer import SnapshotStore
+from featurestore.snapshot_buckets import BucketedStore
 from featurestore.table import TableSet
+from freshrec.redis_client import redis_client
+from freshrec.redis_cluster import LocalRedisCluster
 from freshrec.settings import Settings
 from service.app import create_app
 from tests.integration.kafka_helpers import read_topic
 from trainer.learner import OnlineLearner
-from trainer.publisher import PublishableState, Publisher
+from trainer.publisher import PublishableState, Publisher, snapshot_store
 
 pytestmark = pytest.mark.integration
 
@@ -108,8 +110,7 @@ def build_world(settings: Settings, seed: int = 0) -> World:
                       rng.random(200) < 0.3, 10.0)
     state = PublishableState(config, tables, learner.model, bandit,
                              lambda: (clusters.centroids, clusters.counts))
-    store = SnapshotStore(redis.Redis.from_url(settings.redis_url), settings.model_name)
-    publisher = Publisher(store, state, settings)
+    publisher = Publisher(snapshot_store(settings, redis_client(settings)), state, settings)
     publisher.publish_full()
     return World(config, state, clusters, publisher, settings)
 
@@ -200,6 +201,25 @@ def test_served_scores_equal_the_in_process_reference(settings: Settings) -> Non
         assert info["version"] == world.publisher.confirmed_version
         assert info["table_sizes"]["item"] == len(world.state.tables["item"])
         assert "freshrec_service_request_seconds_bucket" in client.get("/metrics").text
+
+
+def test_a_bucketed_model_on_a_redis_cluster_serves_the_in_process_reference(
+        settings: Settings, redis_cluster: LocalRedisCluster) -> None:
+    settings = settings.model_copy(update={"redis_url": redis_cluster.url,
+                                           "snapshot_buckets": 8})
+    world = build_world(settings)
+    assert isinstance(world.publisher.store, BucketedStore)
+    items = list(range(0, 60, 3))
+    with serve(settings) as client:
+        out = served(client.post("/v1/score", json=body(5, items)))
+        pctr, bonus = world.reference(5, items)
+        np.testing.assert_allclose([out[ITEMS[j]]["pctr"] for j in items], pctr,
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose([out[ITEMS[j]]["bonus"] for j in items], bonus,
+                                   rtol=1e-6, atol=1e-9)
+        info = client.get("/v1/model").json()
+        assert info["version"] == world.publisher.confirmed_version
+        assert info["table_sizes"]["item"] == len(world.state.tables["item"])
 
 
 def test_explored_marks_items_that_only_the_bonus_put_in_the_top_k(settings: Settings) -> None:
