@@ -293,7 +293,11 @@ class LiveJoinerInput:
         self.error: BaseException | None = None
 
     def _run(self) -> None:
-        producer = Producer(producer_config(self.s.kafka_bootstrap))
+        # Batches of ~20 messages, as a busy producer sends: at 200 messages/s a 5 ms linger
+        # made one record batch per message, and the test broker's fetch cost grows with the
+        # number of batches in a partition, so a joiner restarted late in the run crawled
+        # through its backlog and the case reported unwritten labels as lost.
+        producer = Producer(producer_config(self.s.kafka_bootstrap, **{"linger.ms": 100}))
         tracker = DeliveryTracker()
         n = 0
         try:
@@ -370,10 +374,17 @@ def joiner_kills(infra: Infra, work: Path, kills: int, rng: random.Random,
             got.setdefault(e["event_id"], []).append(e["label"])
         return set(expected) <= set(got)
 
+    # First until the final joiner has read and checkpointed every impression (a manifest read),
+    # then drain the labels. Draining the whole events topic every few seconds meanwhile (the
+    # earlier loop) loaded the test broker so much that the joiner's own fetches crawled: after
+    # 5 kills the topic holds ~100 k labels and the check itself kept the joiner from finishing.
     with suppress(TimeoutError):  # what is missing then is counted as lost
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300
+        while (time.monotonic() < deadline
+               and checkpointed(ckpt, s.topic_impressions) < source.sent):
+            time.sleep(1)
         while time.monotonic() < deadline and not all_labeled():
-            time.sleep(3)
+            time.sleep(10)
     if stop(final) != 0:
         raise RuntimeError("the final joiner did not stop cleanly")
     all_labeled()
