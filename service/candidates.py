@@ -71,14 +71,18 @@ class CandidateIds:
     """Item-slot IDs per candidate, memoized by the candidate's exact JSON bytes."""
 
     def __init__(self, featurizer: Featurizer, item_slots: Sequence[str],
-                 capacity: int = 200_000) -> None:
+                 capacity: int = 200_000, max_key_bytes: int = 32 << 20) -> None:
         self.featurizer = featurizer
         self.item_slots = list(item_slots)
         self.capacity = capacity
+        # Keys are request bytes: their total is bounded too, so large candidates from a
+        # hostile client cannot grow a worker's memory past it.
+        self.max_key_bytes = max_key_bytes
         self._reset()
 
     def _reset(self, at_least: int = 0) -> None:
         self.rows: dict[bytes, int] = {}
+        self._key_bytes = 0
         size = max(self.capacity, at_least)
         self.columns = {s: _SlotColumn(size) for s in self.item_slots}
 
@@ -97,6 +101,7 @@ class CandidateIds:
             column.append(first, batch.slots[slot])
         for i, key in enumerate(keys):
             self.rows[key] = first + i
+        self._key_bytes += sum(map(len, keys))
 
     def slot_ids(self, keys: Sequence[bytes],
                  items: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, SlotIds]:
@@ -108,7 +113,9 @@ class CandidateIds:
             for key, row, item in zip(keys, found, items, strict=True):
                 if row is None:
                     missing.setdefault(key, item)
-            if len(self.rows) + len(missing) > self.capacity:
+            added = sum(map(len, missing))
+            if (len(self.rows) + len(missing) > self.capacity
+                    or self._key_bytes + added > self.max_key_bytes):
                 # Full: start over (crude, but a miss only costs one featurization).
                 missing = dict(zip(keys, items, strict=True))
                 self._reset(len(missing))

@@ -160,14 +160,18 @@ class _ValidCandidates:
     repeat across requests, and checking 100 of them was ~15 % of a request's work.
     """
 
-    def __init__(self, capacity: int = 200_000) -> None:
+    def __init__(self, capacity: int = 200_000, max_bytes: int = 32 << 20) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes  # keys are client bytes: bound their total, not just count
         self.keys: set[bytes] = set()
+        self._bytes = 0
 
     def add(self, key: bytes) -> None:
-        if len(self.keys) >= self.capacity:
+        if len(self.keys) >= self.capacity or self._bytes + len(key) > self.max_bytes:
             self.keys.clear()
+            self._bytes = 0
         self.keys.add(key)
+        self._bytes += len(key)
 
 
 _VALID_CANDIDATES = _ValidCandidates()

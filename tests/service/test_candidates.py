@@ -56,3 +56,14 @@ def test_json_values_that_compare_equal_in_python_do_not_share_ids() -> None:
     assert len(set(keys)) == 3  # 1990 == 1990.0 and True == 1 in Python, not in JSON
     table.slot_ids(keys, items)
     assert len(table) == 3
+
+
+def test_the_table_bounds_the_bytes_of_its_keys_too() -> None:
+    config = load_model_config(default_model_config_path())
+    slots = [s.name for s in config.slots if s.side is SlotSide.ITEM]
+    table = CandidateIds(Featurizer(config), slots, max_key_bytes=2_000)
+    for j in range(100):
+        items = [(f"m{j}", {"genres": ["x" * 200]})]
+        got = table.slot_ids([candidate_key(i, f) for i, f in items], items)
+        assert len(got[slots[0]].offsets) == 2
+        assert table._key_bytes <= 2_000

@@ -68,3 +68,12 @@ def test_fast_body_parse_agrees_with_the_pydantic_model(change: dict) -> None:
         assert parse_score_body(orjson.dumps(body)) == got
         assert [type(v) for v in got.features.values()] == [
             type(v) for v in want.features.values()]
+
+
+def test_the_known_valid_candidates_memo_bounds_its_bytes() -> None:
+    from service.schemas import _ValidCandidates
+
+    memo = _ValidCandidates(max_bytes=1_000)
+    for i in range(50):
+        memo.add(b"%d" % i + b"x" * 100)
+        assert sum(map(len, memo.keys)) <= 1_000
