@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
 from featurestore.events import Click, Impression, ShownItem
 from freshrec.devstack import (
@@ -59,6 +59,7 @@ from freshrec.kafka import (
     drain_topic,
     produce_all,
     producer_config,
+    producer_is_stuck,
     wait_for_broker,
 )
 from freshrec.metrics import scrape
@@ -497,16 +498,25 @@ class EventFeed:
     def _run(self) -> None:
         producer = Producer(producer_config(self.s.kafka_bootstrap))
         chunk = max(1, int(self.rate / 10))
+        stuck = threading.Event()
+
+        def report(err: KafkaError | None, _msg: object) -> None:
+            if producer_is_stuck(err):
+                stuck.set()
+
         while not self._stop.is_set():
             try:
                 for e in self.stream.chunk(chunk):
                     with suppress(BufferError):
                         producer.produce(self.s.topic_events, orjson.dumps(e),
-                                         str(e["user_id"]).encode())
+                                         str(e["user_id"]).encode(), on_delivery=report)
                 producer.poll(0)
             except KafkaException:
-                # An idempotent producer is fenced for good when a memory-only broker restarts
-                # (it forgets producer ids); a load generator simply starts a new one.
+                stuck.set()
+            if stuck.is_set():
+                # A memory-only broker that restarted forgot the idempotent producer's id: the
+                # producer is fatal or stalls (``producer_is_stuck``). Start a new one.
+                stuck.clear()
                 producer = Producer(producer_config(self.s.kafka_bootstrap))
             self._stop.wait(0.1)
         producer.flush(10)
@@ -534,6 +544,7 @@ class Pipeline:
     logs: Path
     service_port: int
     trainer_port: int
+    joiner_port: int
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -568,6 +579,25 @@ class Pipeline:
         return scrape(f"http://127.0.0.1:{self.trainer_port}/metrics").get(
             "freshrec_trainer_events_total{outcome=trained}", 0.0)
 
+    def joined(self) -> float:
+        """Impressions the joiner has consumed (its counter restarts with the process)."""
+        return scrape(f"http://127.0.0.1:{self.joiner_port}/metrics").get(
+            "freshrec_joiner_impressions_total", 0.0)
+
+    def score(self, rng: random.Random) -> int:
+        """One valid ``POST /v1/score``; its status (0 when unanswered)."""
+        from bench.http_fuzz import valid_score
+        req = urllib.request.Request(self.base_url + "/v1/score",
+                                     data=orjson.dumps(valid_score(rng)),
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+        except (urllib.error.URLError, OSError):
+            return 0
+
     def ready(self) -> bool:
         try:
             with urllib.request.urlopen(self.base_url + "/readyz", timeout=2) as resp:
@@ -585,12 +615,13 @@ class Pipeline:
 @contextmanager
 def live_pipeline(infra: Infra, work: Path, seed: int) -> Iterator[tuple[Pipeline, VersionPoller]]:
     s = base_settings(infra, "chaos-live", work)
-    service_port, trainer_port = free_port(), free_port()
+    service_port, trainer_port, joiner_port = free_port(), free_port(), free_port()
     env = to_environ(s, service_port=service_port, service_api_token=CHAOS_TOKEN,
                      trainer_metrics_port=trainer_port,
-                     joiner_metrics_port=free_port(), trainer_checkpoint_interval_s=2.0,
+                     joiner_metrics_port=joiner_port, trainer_checkpoint_interval_s=2.0,
                      trainer_publish_interval_ms=100)
-    pipe = Pipeline(s, env, work / "chaos-live" / "logs", service_port, trainer_port)
+    pipe = Pipeline(s, env, work / "chaos-live" / "logs", service_port, trainer_port,
+                    joiner_port)
     feed = EventFeed(s, rate=500.0, seed=seed).start()
     poller: VersionPoller | None = None
     try:
@@ -650,34 +681,56 @@ def redis_restart_case(infra: Infra, pipe: Pipeline, poller: VersionPoller, rest
               and pipe.total_restarts() == processes_restarted)
         survived += ok
         log(f"  redis restart {k + 1}/{restarts}: ready during outage {ready_during}, "
-            f"version {before} -> {poller.latest}, survived {ok}")
+            f"version {before} -> {poller.latest}, process restarts "
+            f"{pipe.total_restarts() - processes_restarted}, ready after {pipe.ready()}, "
+            f"survived {ok}")
     return {"redis_restarts_survived": survived}
 
 
 def broker_restart_case(infra: Infra, pipe: Pipeline, restarts: int,
                         log: Callable[[str], None] = print) -> dict:
-    """Kill the broker, start it again (topics recreated); every process keeps working."""
+    """Kill the broker, start it again (empty, topics recreated); every process keeps working.
+
+    The trainer must train the events produced after the restart; the service must log the
+    impressions of new ``/v1/score`` requests and the joiner must consume them; no process may
+    need more than one restart.
+    """
     survived = 0
+    rng = random.Random(restarts)
     for k in range(restarts):
         before = dict(pipe.restarts)
         infra.kill_kafka()
         time.sleep(2.0)
         infra.start_kafka()
         trained = pipe.trained()
-        try:
-            wait_for(lambda t=trained: pipe.trained() > t, 120,
-                     "the trainer to train after the broker restart")
-            resumed = True
-        except TimeoutError:
-            resumed = False
+        resumed = _within(120, lambda t=trained: pipe.trained() > t)
+        joined = pipe.joined()
+        scored = [pipe.score(rng) for _ in range(20) if not time.sleep(0.1)]
+
+        def impressions_joined(j: float = joined) -> bool:
+            pipe.score(rng)  # a new impression each try: the first ones may have expired
+            return pipe.joined() > j
+
+        joiner_resumed = _within(120, impressions_joined)
         time.sleep(10.0)  # a crash loop would have restarted something again by now
         again = {n: pipe.restarts[n] - before[n] for n in before}
-        ok = resumed and max(again.values()) <= 1 and pipe.ready()
+        ok = resumed and joiner_resumed and max(again.values()) <= 1 and pipe.ready()
         survived += ok
-        log(f"  broker restart {k + 1}/{restarts}: trainer resumed {resumed}, "
-            f"process restarts {again}, survived {ok}")
+        log(f"  broker restart {k + 1}/{restarts}: trainer resumed {resumed}, joiner resumed "
+            f"{joiner_resumed} (scores {sorted(set(scored))}), process restarts {again}, "
+            f"survived {ok}")
     return {"broker_restarts_survived": survived, "_broker_restarts": restarts,
             "_restarts_after_broker_restart": dict(pipe.restarts)}
+
+
+def _within(timeout_s: float, condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` becomes true within ``timeout_s`` (polled every half second)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def http_fuzz_case(pipe: Pipeline, requests: int, seed: int,

@@ -43,6 +43,21 @@ def producer_config(bootstrap: str, **extra: object) -> dict[str, object]:
     return conf
 
 
+def producer_is_stuck(err: object) -> bool:
+    """True for the delivery or produce errors after which this producer instance is done.
+
+    A fatal error is permanent for a librdkafka instance: the error that caused it carries
+    ``fatal()`` and every later produce call fails with ``_FATAL``. A delivery timeout is the
+    other sign: an idempotent producer whose broker lost its producer id and sequence numbers
+    (a broker restarted without its data) waits for them forever, and every message it holds
+    expires after ``message.timeout.ms``; on the test broker that happened after two of three
+    restarts. A new producer (a new producer id) delivers at once; after a plain outage that
+    outlasted the timeout, replacing it costs nothing.
+    """
+    return isinstance(err, KafkaError) and (
+        err.fatal() or err.code() in (KafkaError._FATAL, KafkaError._MSG_TIMED_OUT))
+
+
 def dead_letter_headers(reason: str, source_topic: str, source_partition: int,
                         source_offset: int) -> list[tuple[str, bytes]]:
     """Headers of a dead-letter message: why it was refused and where it came from.
@@ -160,12 +175,111 @@ def assign_from(consumer: Consumer, partitions: list[TopicPartition],
 
     Used from ``on_assign`` by the processes that checkpoint their own offsets: the state they
     restored is only consistent with exactly those positions, not with whatever was committed.
+    A partition we hold no offset for (new to us, or handed back after a rebalance) starts at
+    the group's committed offset, which is then recorded in ``offsets`` too, so that
+    :class:`TruncationWatch` knows where we stand before the first record arrives.
     """
+    missing = [TopicPartition(tp.topic, tp.partition) for tp in partitions
+               if (tp.topic, tp.partition) not in offsets]
+    if missing:
+        try:
+            for tp in consumer.committed(missing, timeout=10):
+                if tp.error is None and tp.offset >= 0:
+                    offsets[(tp.topic, tp.partition)] = tp.offset
+        except KafkaException as exc:  # the group's own offset lookup applies instead
+            log.warning("committed offsets unavailable: %s", exc)
     for tp in partitions:
         restored = offsets.get((tp.topic, tp.partition))
         if restored is not None:
             tp.offset = restored
     consumer.assign(partitions)
+
+
+@dataclass(frozen=True)
+class Rewound:
+    """A partition moved back to the start of its new log by :class:`TruncationWatch`."""
+
+    topic: str
+    partition: int
+    position: int
+    start: int
+    high: int
+
+    def __str__(self) -> str:
+        return (f"{self.topic}[{self.partition}] {self.position} -> {self.start} "
+                f"(log ends at {self.high})")
+
+
+class TruncationWatch:
+    """Notices a partition whose log now ends below the position we resume from.
+
+    A topic deleted and recreated, a broker that lost its data, or an unclean leader election
+    leave a consumer positioned past the end of the new log. Apache Kafka answers such a fetch
+    with OFFSET_OUT_OF_RANGE and librdkafka applies ``auto.offset.reset``; a broker that
+    instead answers with empty fetches parks the consumer until the new log grows past the old
+    position, silently skipping everything produced meanwhile.
+
+    Fed with the high watermarks librdkafka caches from fetch responses, a partition is
+    declared truncated when, at an unchanged position (nothing received),
+
+    - its high watermark grew while staying below the position: records were appended at
+      offsets we will never fetch; or
+    - its high watermark stayed below the position for ``stuck_after_s``: a fetch response's
+      watermark can trail our position for a moment, never for that long.
+    """
+
+    def __init__(self, stuck_after_s: float = 30.0) -> None:
+        self.stuck_after_s = stuck_after_s
+        # (topic, partition) -> (position, lowest high watermark seen there, since when).
+        self._parked: dict[tuple[str, int], tuple[int, int, float]] = {}
+
+    def observe(self, key: tuple[str, int], position: int, high: int, now: float) -> bool:
+        """One check of one partition; True when its log provably restarted below ``position``."""
+        if high < 0 or high >= position:
+            self._parked.pop(key, None)
+            return False
+        seen = self._parked.get(key)
+        if seen is None or seen[0] != position:
+            self._parked[key] = (position, high, now)
+            return False
+        if high > seen[1] or now - seen[2] >= self.stuck_after_s:
+            del self._parked[key]
+            return True
+        if high < seen[1]:
+            self._parked[key] = (position, high, seen[2])
+        return False
+
+    def rewind(self, consumer: Consumer, offsets: dict[tuple[str, int], int]) -> list[Rewound]:
+        """Check every assigned partition in ``offsets``; seek the truncated ones to their start.
+
+        ``offsets`` (next offset to read, per partition) is updated in place; returns the
+        rewound partitions (each logged) for the caller's metrics and checkpoint.
+        """
+        rewound: list[Rewound] = []
+        try:
+            assigned = consumer.assignment()
+        except KafkaException as exc:
+            log.debug("truncation check unavailable: %s", exc)
+            return rewound
+        for tp in assigned:
+            key = (tp.topic, tp.partition)
+            position = offsets.get(key)
+            if position is None:
+                continue
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            if not self.observe(key, position, high, time.monotonic()):
+                continue
+            start = max(low, 0)
+            try:
+                consumer.seek(TopicPartition(tp.topic, tp.partition, start))
+            except KafkaException as exc:  # not fetching yet: the next check proves it again
+                log.warning("cannot rewind %s[%d]: %s", tp.topic, tp.partition, exc)
+                continue
+            offsets[key] = start
+            rewound.append(Rewound(tp.topic, tp.partition, position, start, high))
+            log.warning("log truncated below our position, resuming from its start: %s",
+                        rewound[-1])
+        return rewound
 
 
 def commit_offsets(consumer: Consumer, offsets: dict[tuple[str, int], int]) -> bool:

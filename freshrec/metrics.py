@@ -122,6 +122,10 @@ class TrainerMetrics:
                                  "Falls back to the last good checkpoint, by reason "
                                  "(diverged: non-finite model; failed: a batch failed part-way).",
                                  ["reason"], registry=r)
+        self.log_truncations = Counter(p + "log_truncations_total",
+                                       "Partitions found restarted below the trainer's position "
+                                       "(topic recreated, broker data lost) and rewound to "
+                                       "their start.", registry=r)
 
     def table_totals(self, slot: str, admitted: int, evicted: int, rejected: int) -> None:
         """Advance the slot's counters to the table's cumulative figures.
@@ -175,6 +179,10 @@ class JoinerMetrics:
                                     "Event-time delay from impression to emitted example.",
                                     buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
                                     registry=r)
+        self.log_truncations = Counter(p + "log_truncations_total",
+                                       "Partitions found restarted below the joiner's position "
+                                       "(topic recreated, broker data lost) and rewound to "
+                                       "their start, by topic.", ["topic"], registry=r)
         self.threads = thread_pool_gauge(p, r)
         self.heartbeat = Heartbeat()  # beaten by the joining loop, read by /healthz
 

@@ -45,6 +45,7 @@ from freshrec.eventclock import PartitionedClock, future_skew_reason
 from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import (
     DeliveryTracker,
+    TruncationWatch,
     assign_from,
     commit_offsets,
     consumer_config,
@@ -104,6 +105,8 @@ class JoinerProcess:
             settings.kafka_bootstrap, settings.joiner_group_id,
             **{"partition.assignment.strategy": "range"}))
         self._last_checkpoint = time.monotonic()
+        self._truncations = TruncationWatch()
+        self._last_truncation_check = 0.0
         self._restore()
         # Exported so far (a restored joiner's counts were exported by its predecessor).
         self._exploration_seen = self.joiner.exploration_counts()
@@ -273,8 +276,23 @@ class JoinerProcess:
         for delay in self.joiner.drain_join_delays():
             self.metrics.join_delay.observe(float(delay))
         self._producer.poll(0)
+        if now - self._last_truncation_check >= 1.0:
+            self._rewind_truncated()
+            self._last_truncation_check = now
         if now - self._last_checkpoint >= self.settings.joiner_checkpoint_interval_s:
             self.checkpoint()
+
+    def _rewind_truncated(self) -> None:
+        """Resume from the start of an input partition whose log restarted below our position.
+
+        Waiting at the old position would ignore every impression and click produced since;
+        the rewound offsets are checkpointed at once so a restart does not park there again.
+        """
+        rewound = self._truncations.rewind(self._consumer, self.offsets)
+        for partition in rewound:
+            self.metrics.log_truncations.labels(partition.topic).inc()
+        if rewound:
+            self._last_checkpoint = 0.0
 
     def run(self, stop: threading.Event) -> None:
         """Consume both topics until ``stop``; checkpoint on the way out."""

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Producer
 
+from freshrec.kafka import producer_is_stuck
 from freshrec.metrics import ServiceMetrics
 
 log = logging.getLogger("freshrec.service")
@@ -38,11 +39,12 @@ class KafkaSink:
                  metrics: ServiceMetrics, drain_interval_s: float = 0.02,
                  make_producer: Callable[[], Producer] | None = None) -> None:
         self.producer = producer
-        # A fatal producer error (e.g. an idempotent producer whose broker lost its producer
-        # id, as after a broker restart) is permanent for that librdkafka instance: the only
-        # way on is a new producer. Without a factory the error surfaces (503s, failed counts).
+        # A fatal or stalled producer (``producer_is_stuck``; e.g. an idempotent producer whose
+        # broker lost its producer id) never delivers again: the only way on is a new producer.
+        # Without a factory the error surfaces (503s, failed counts).
         self.make_producer = make_producer
         self._replace_lock = threading.Lock()
+        self._stuck: Producer | None = None  # set by delivery reports, replaced by the thread
         self.topic = impressions_topic
         self.metrics = metrics
         self.queue_size = queue_size
@@ -77,6 +79,15 @@ class KafkaSink:
         else:
             self.failed += 1
             self._failed.inc()
+            self._watch(err, _msg)
+
+    def _watch(self, err: KafkaError | None, _msg: object) -> None:
+        """Delivery report of any message: flags the producer that reported it if it is stuck.
+
+        Runs inside ``poll()``; the drain thread replaces the producer after the poll returns.
+        """
+        if err is not None and producer_is_stuck(err):
+            self._stuck = self.producer
 
     def produce_now(self, topic: str, key: bytes, value: bytes,
                     headers: list[tuple[str, bytes]] | None = None) -> None:
@@ -86,7 +97,7 @@ class KafkaSink:
         cannot be queued (unknown topic, a fatal producer error that a new producer did not
         cure): the caller answers "retry later", nothing was accepted.
         """
-        kwargs: dict[str, Any] = {"value": value, "key": key}
+        kwargs: dict[str, Any] = {"value": value, "key": key, "on_delivery": self._watch}
         if headers is not None:
             kwargs["headers"] = headers
         producer = self.producer
@@ -100,14 +111,15 @@ class KafkaSink:
     def _renewed_after(self, failed: Producer, exc: KafkaException) -> bool:
         """Replace ``failed`` by a new producer if ``exc`` is fatal; True if one is in place."""
         err = exc.args[0] if exc.args else None
-        # The error that made the producer fatal carries ``fatal()``; every produce call after
-        # it fails with code ``_FATAL`` and no flag.
-        fatal = isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
-        if self.make_producer is None or not fatal:
+        return producer_is_stuck(err) and self._replace(failed, err)
+
+    def _replace(self, failed: Producer, why: object) -> bool:
+        """Put a new producer in place of ``failed``; False without a factory."""
+        if self.make_producer is None:
             return False
         with self._replace_lock:
             if self.producer is failed:  # not already replaced by the other thread
-                log.error("impression producer failed fatally (%s): starting a new one", err)
+                log.error("Kafka producer is stuck (%s): starting a new one", why)
                 self.producer = self.make_producer()
                 self.metrics.producer_renewals.inc()
         return True
@@ -120,6 +132,9 @@ class KafkaSink:
                 key, impression = pending.popleft()
                 self._produce(key, orjson.dumps(impression, option=orjson.OPT_SERIALIZE_NUMPY))
             self.producer.poll(0)
+            stuck, self._stuck = self._stuck, None
+            if stuck is not None:
+                self._replace(stuck, "messages expired undelivered")
             if stopping:
                 return
             self._stopped.wait(self.drain_interval_s)

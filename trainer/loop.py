@@ -51,6 +51,7 @@ from featurestore.table import TableSet
 from freshrec.eventclock import EventClock, future_skew_reason
 from freshrec.kafka import (
     DeliveryTracker,
+    TruncationWatch,
     assign_from,
     commit_offsets,
     consumer_config,
@@ -141,6 +142,7 @@ class Trainer:
         self._last_checkpoint = time.monotonic()
         self._last_sweep = time.monotonic()
         self._last_gauges = 0.0
+        self._truncations = TruncationWatch()
         self._audit = None
         if settings.trainer_audit_log is not None:
             settings.trainer_audit_log.parent.mkdir(parents=True, exist_ok=True)
@@ -467,6 +469,18 @@ class Trainer:
         except Exception as exc:
             log.debug("lag unavailable: %s", exc)
 
+    def _rewind_truncated(self) -> None:
+        """Resume from the start of a partition whose log restarted below our position.
+
+        The events in the lost log are gone with it; waiting at the old position would also
+        skip every event produced since. The rewound offsets are checkpointed at once, so a
+        restart does not park at the old position again.
+        """
+        rewound = self._truncations.rewind(self._consumer, self.offsets)
+        if rewound:
+            self.metrics.log_truncations.inc(len(rewound))
+            self._last_checkpoint = 0.0
+
     def housekeeping(self, force_checkpoint: bool = False) -> None:
         """Publish, sweep expired rows, refresh gauges, checkpoint when due."""
         now = time.monotonic()
@@ -477,6 +491,7 @@ class Trainer:
             self._last_sweep = now
         if now - self._last_gauges >= 1.0:
             self._update_gauges()
+            self._rewind_truncated()
             self._last_gauges = now
         if force_checkpoint or (
                 now - self._last_checkpoint >= self.settings.trainer_checkpoint_interval_s

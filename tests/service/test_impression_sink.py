@@ -82,3 +82,42 @@ def test_the_impression_thread_survives_errors_and_counts_what_it_lost() -> None
     # r0: topic missing, lost and counted; r1: fatal error, sent by the new producer; r2 too.
     assert sink.failed == 1
     assert [v for _, v in fresh.sent] == [b'{"request_id":"r1"}', b'{"request_id":"r2"}']
+
+
+class _StalledProducer(_FakeProducer):
+    """Accepts messages, then reports every one of them as expired undelivered."""
+
+    def produce(self, topic: str, value: bytes, key: bytes, **kw: object) -> None:
+        super().produce(topic, value, key)
+        self.callbacks = [*getattr(self, "callbacks", []), kw.get("on_delivery")]
+
+    def poll(self, _timeout: float = 0) -> int:
+        expired = KafkaError(KafkaError._MSG_TIMED_OUT, "Message timed out")
+        for callback in getattr(self, "callbacks", []):
+            callback(expired, None)
+        self.callbacks = []
+        return 0
+
+
+@pytest.mark.parametrize("path", ["impression", "event"])
+def test_a_producer_whose_messages_expire_is_replaced(path: str) -> None:
+    """An idempotent producer whose broker lost its producer id stalls without a fatal error:
+    its messages only expire. The thread replaces it; later messages go through."""
+    stalled, fresh = _StalledProducer(), _FakeProducer()
+    metrics = _metrics()
+    sink = KafkaSink(stalled, "imps", 10, metrics, drain_interval_s=0.001,
+                     make_producer=lambda: fresh)
+    sink.start()
+    if path == "impression":
+        assert sink.offer(b"u", {"request_id": "lost"})
+    else:
+        sink.produce_now("events", b"u", b"lost")
+    deadline = time.monotonic() + 5
+    while sink.producer is not fresh and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.producer is fresh
+    sink.produce_now("events", b"u", b"e2")
+    sink.close(1.0)
+    assert fresh.sent == [("events", b"e2")]
+    assert metrics.registry.get_sample_value("freshrec_service_producer_renewals_total") == 1
+    assert sink.failed == (1 if path == "impression" else 0)

@@ -7,7 +7,6 @@ reference computed from that same in-process state.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from featurestore.featurize import Featurizer, encode_value, event_record
 from featurestore.schema import ModelConfig, SlotSide, load_model_config
 from featurestore.snapshot_buckets import BucketedStore
 from featurestore.table import TableSet
+from freshrec.devstack import free_port
 from freshrec.redis_client import redis_client
 from freshrec.redis_cluster import LocalRedisCluster
 from freshrec.settings import Settings
@@ -113,12 +113,6 @@ def build_world(settings: Settings, seed: int = 0) -> World:
     publisher = Publisher(snapshot_store(settings, redis_client(settings)), state, settings)
     publisher.publish_full()
     return World(config, state, clusters, publisher, settings)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
