@@ -599,8 +599,9 @@ class Pipeline:
             return 0
 
     def ready(self) -> bool:
+        # A generous timeout: on a loaded 2-core machine a slow answer is not an unready one.
         try:
-            with urllib.request.urlopen(self.base_url + "/readyz", timeout=2) as resp:
+            with urllib.request.urlopen(self.base_url + "/readyz", timeout=5) as resp:
                 return resp.status == 200
         except (urllib.error.URLError, OSError):
             return False
