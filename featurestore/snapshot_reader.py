@@ -9,6 +9,7 @@ synchronous :class:`SnapshotReader` (the publisher, tests, tools) and the servic
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -70,6 +71,11 @@ for s = 0, n - 1, 1000 do
 end
 return {table.concat(found), table.concat(vals)}
 """
+# A replica's full read rests as long as each round took before sending the next: Redis walking
+# a 1 M-row hash costs seconds of a core, on cores that answer requests, and the replica serves
+# its last snapshot meanwhile anyway. Each reading replica keeps Redis at most half busy; a
+# reload takes twice as long (measured in docs/serving.md).
+FULL_READ_PAUSE_RATIO = 1.0
 SCAN_COUNT = 10_000  # rows per HSCAN step: ~0.7 MB replies, short stalls of Redis itself
 
 Command = tuple[str, tuple]
@@ -217,17 +223,20 @@ def _run(r: redis.Redis, plan: Plan) -> Callable[[], Any]:
         return done.value
 
 
-async def _arun(r: aredis.Redis, plan: Plan) -> Callable[[], Any]:
-    """Drive a plan over an asyncio client."""
+async def _arun(r: aredis.Redis, plan: Plan, pause_ratio: float = 0.0) -> Callable[[], Any]:
+    """Drive a plan over an asyncio client, resting ``pause_ratio`` x each round's time after it."""
     try:
         cmds = next(plan)
         while True:
+            started = time.perf_counter()
             async with r.pipeline(transaction=False) as pipe:
                 _queue(pipe, cmds)
                 try:
                     results = await pipe.execute()
                 except redis.ResponseError as exc:
                     raise SnapshotFormatError(str(exc)) from None
+            if pause_ratio > 0:
+                await asyncio.sleep(pause_ratio * (time.perf_counter() - started))
             cmds = plan.send(results)
     except StopIteration as done:
         return done.value
@@ -282,9 +291,11 @@ class AsyncSnapshotReader:
     """The service's side: the same reads over ``redis.asyncio`` (blocking XREAD follows)."""
 
     def __init__(self, client: aredis.Redis, model_name: str, *,
-                 bucket: int | None = None) -> None:
+                 bucket: int | None = None, full_read_pause_ratio: float = FULL_READ_PAUSE_RATIO
+                 ) -> None:
         self.r = client
         self.keys = Keys(model_name, bucket)
+        self.full_read_pause_ratio = full_read_pause_ratio
 
     async def read_meta(self) -> SnapshotMeta | None:
         return SnapshotMeta.decode(await self.r.hgetall(self.keys.meta))
@@ -299,7 +310,8 @@ class AsyncSnapshotReader:
         if meta is None:
             return None
         assemble = await _arun(self.r, _full_plan(self.keys, meta,
-                                                  last[0][0] if last else b"0-0"))
+                                                  last[0][0] if last else b"0-0"),
+                               self.full_read_pause_ratio)
         # Decoding a big snapshot is CPU work: off the event loop (numpy releases the GIL).
         return await asyncio.to_thread(assemble)
 
