@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -22,6 +23,7 @@ from freshrec.settings import Settings, SettingsError, load_settings, redact_url
 
 if TYPE_CHECKING:
     from freshrec.devstack import LocalStack
+    from freshrec.redis_cluster import LocalRedisCluster
 
 
 class _Stop(Exception):
@@ -55,6 +57,9 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     settings = _settings()
     external_kafka = os.environ.get("FRESHREC_KAFKA_BOOTSTRAP")
     external_redis = os.environ.get("FRESHREC_REDIS_URL")
+    cluster = _start_redis_cluster(args, external_redis)
+    if cluster is not None:
+        external_redis = cluster.url
     stack = LocalStack(
         kafka_port=args.kafka_port or int(settings.kafka_bootstrap.rsplit(":", 1)[1]),
         redis_port=args.redis_port or urlparse(settings.redis_url).port or 6379,
@@ -75,6 +80,11 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         print(f"redis  {redact_url(stack.redis_url)}" + (" (external)" if external_redis else ""))
         print(f"topics {', '.join(stack.topics)} ({stack.partitions} partitions)")
         env = stack.env() | {"FRESHREC_SERVICE_API_TOKEN": token}
+        if cluster is not None:
+            buckets = settings.snapshot_buckets or CLUSTER_SNAPSHOT_BUCKETS
+            env["FRESHREC_SNAPSHOT_BUCKETS"] = str(buckets)
+            print(f"redis  cluster of {len(cluster.ports)} masters ({', '.join(cluster.nodes)}), "
+                  f"snapshots in {buckets} buckets")
         for component in args.components:
             stack.spawn_component(component, component, env=env)
             print(f"{component:<6} started (log: {Path(args.log_dir) / (component + '.log')})")
@@ -103,7 +113,30 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+        if cluster is not None:
+            cluster.stop()
         print("stack stopped", file=sys.stderr)
+
+
+# Buckets a model's snapshot spreads over on a local Redis Cluster when none are configured:
+# enough that three masters each own many (docs/scale.md), few enough to keep reads cheap.
+CLUSTER_SNAPSHOT_BUCKETS = 64
+
+
+def _start_redis_cluster(args: argparse.Namespace, external_redis: str | None
+                         ) -> LocalRedisCluster | None:
+    """``--redis-cluster N``: N cluster-enabled masters instead of one redis-server."""
+    if not args.redis_cluster:
+        return None
+    if args.redis_cluster < 3:
+        _fail("--redis-cluster needs at least 3 masters (redis-cli --cluster create)")
+    if external_redis:
+        _fail("--redis-cluster starts its own Redis: unset FRESHREC_REDIS_URL")
+    from freshrec.redis_cluster import LocalRedisCluster
+
+    data_dir = Path(args.log_dir).parent / "redis-cluster"
+    shutil.rmtree(data_dir, ignore_errors=True)  # node files of an earlier run would rejoin it
+    return LocalRedisCluster(args.redis_cluster, data_dir=data_dir).start()
 
 
 def _report_training(settings: Settings, sent: int, stack: LocalStack) -> None:
@@ -235,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--log-dir", default="var/log")
     up.add_argument("--kafka-port", type=int, default=None, help="local broker port")
     up.add_argument("--redis-port", type=int, default=None, help="local Redis port")
+    up.add_argument("--redis-cluster", type=int, default=0, metavar="MASTERS",
+                    help="a local Redis Cluster of this many masters (>= 3) instead of one "
+                         "redis-server; snapshots spread over FRESHREC_SNAPSHOT_BUCKETS buckets "
+                         f"({CLUSTER_SNAPSHOT_BUCKETS} unless set)")
     up.add_argument("--exit-after-replay", action="store_true")
     _add_replay_args(up)
     up.set_defaults(func=cmd_dev_up)

@@ -7,9 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
+import redis
 
 from freshrec.devstack import free_port, wait_for_redis
 from freshrec.kafka import wait_for_broker
@@ -85,3 +88,55 @@ def test_dev_up_uses_external_kafka_and_redis_when_configured(stack, tmp_path: P
     assert f"redis  {stack.redis_url} (external)" in proc.stdout
     assert "replay: sent=50 failed=0" in proc.stdout
     assert not (tmp_path / "logs" / "kafka.log").exists()  # no broker of its own was started
+
+
+def test_dev_up_on_a_local_redis_cluster_spreads_the_model_over_every_master(
+        tmp_path: Path) -> None:
+    """``dev up --redis-cluster 3``: three masters, the trainer publishes bucketed snapshots
+    over all of them, the service follows them, and SIGTERM stops every node."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
+    service_port = free_port()
+    env |= {"FRESHREC_SERVICE_PORT": str(service_port),
+            "FRESHREC_TRAINER_METRICS_PORT": str(free_port()),
+            "FRESHREC_JOINER_METRICS_PORT": str(free_port()),
+            "FRESHREC_TRAINER_PUBLISH_INTERVAL_MS": "100"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "freshrec.cli", "dev", "up", "--redis-cluster", "3",
+         "--components", "trainer", "service", "--replay", "synthetic", "--events", "3000",
+         "--quiet", "--kafka-port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "stack is up" in line or proc.poll() is not None:
+                break
+        out = "".join(lines)
+        assert "stack is up" in out, out
+        assert "cluster of 3 masters" in out and "snapshots in 64 buckets" in out, out
+        nodes = out.split("cluster of 3 masters (", 1)[1].split(")", 1)[0].split(", ")
+        ports = [int(n.rsplit(":", 1)[1]) for n in nodes]
+        children = descendants(proc.pid)
+        keys_per_master = [len(redis.Redis(port=p).keys("fr:{*:b*}*")) for p in ports]
+        assert all(n > 0 for n in keys_per_master), keys_per_master
+        deadline = time.monotonic() + 60
+        version = 0
+        while time.monotonic() < deadline and version == 0:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{service_port}/v1/model",
+                                            timeout=2) as resp:
+                    version = int(orjson.loads(resp.read()).get("version", 0))
+            except OSError:
+                time.sleep(0.5)
+        assert version > 0
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + rest
+    deadline = time.monotonic() + 15  # service workers finish their shutdown after the parent
+    while time.monotonic() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children if alive(pid)]
