@@ -33,7 +33,8 @@ contexts; ``mean`` plays the role of pCTR), so they differ only in how they expl
 with item-id interactions (``-q UA -q CA``): each peer gets at least the information Diag-LinUCB
 gets.
 
-Run: ``.venv/bin/python bench/bandit.py --quick --movielens /path/to/ml-100k``.
+Run: ``.venv/bin/python bench/bandit.py --quick`` (``--movielens DIR`` for a local copy; else
+the cached one, fetched on first use).
 """
 
 from __future__ import annotations
@@ -60,7 +61,16 @@ from bandit.diag_linucb import DiagLinUCB
 from freshrec.runtime import apply_thread_budget, cpu_budget
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_ML = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
+def movielens_dir(given: str | None) -> str | None:
+    """The RecBole ml-100k directory: ``given`` (any layout ``freshrec.data`` reads), else the
+    cached copy, fetched on first use; None (with a note) when it cannot be had."""
+    from freshrec.data import DataError, fetch_movielens
+
+    try:
+        return str(fetch_movielens(Path(given) if given else None))
+    except DataError as exc:
+        print(f"note: MovieLens-100K unavailable ({exc}): skipping the MovieLens environment")
+        return None
 
 # Shared knobs (identical for every policy).
 M_CANDIDATES = 20
@@ -580,7 +590,9 @@ def summarize(e: str, runs: list[dict[str, Any]], tuning: dict[str, dict[str, fl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short horizons, under three minutes")
-    ap.add_argument("--movielens", default=str(DEFAULT_ML), help="RecBole ml-100k directory")
+    ap.add_argument("--movielens", default=None,
+                    help="MovieLens-100K directory (RecBole or GroupLens layout); default: the "
+                         "cached copy, fetched on first use")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", help="results name: bench/results/NAME.json (default bandit, "
                     "bandit_quick with --quick)")
@@ -607,11 +619,11 @@ def main() -> None:
     deadline = 30.0 if args.quick else 900.0  # per run, wall; a cut run shortens the horizon
     envs = args.envs.split(",")
     skipped = {}
-    if "movielens" in envs and not (Path(args.movielens) / "ml-100k.inter").exists():
-        print(f"note: {args.movielens}/ml-100k.inter not found: skipping the MovieLens environment")
+    ml_path = movielens_dir(args.movielens) if "movielens" in envs else None
+    if "movielens" in envs and ml_path is None:
         envs.remove("movielens")
-        skipped["movielens"] = f"data not found at {args.movielens}"
-    base: dict[str, Any] = {"ml_path": args.movielens}
+        skipped["movielens"] = "MovieLens-100K unavailable"
+    base: dict[str, Any] = {"ml_path": ml_path}
     if args.cache:
         Path(args.cache).mkdir(parents=True, exist_ok=True)
         base["cache"] = args.cache

@@ -104,7 +104,8 @@ def profile_run(job: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the quick mode's horizon and seed")
-    ap.add_argument("--movielens", default=str(bench.DEFAULT_ML))
+    ap.add_argument("--movielens", default=None,
+                    help="MovieLens-100K directory; default: the cached copy, fetched on first use")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--envs", default="clustered,dynamic,movielens")
     ap.add_argument("--seeds", help="comma-separated seeds (default: the mode's evaluation seeds)")
@@ -116,7 +117,10 @@ def main() -> None:
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds
              else tuned["shared"]["evaluation_seeds"])
     envs = [e for e in args.envs.split(",") if e in tuned["environments"]]
-    jobs = [{"env": e, "policy": p, "T": T, "seed": sd, "ml_path": args.movielens,
+    ml_path = bench.movielens_dir(args.movielens) if "movielens" in envs else None
+    if ml_path is None and "movielens" in envs:
+        envs.remove("movielens")
+    jobs = [{"env": e, "policy": p, "T": T, "seed": sd, "ml_path": ml_path,
              "param": tuned["environments"][e]["params"].get(p)}
             for e in envs for sd in seeds
             for p in ("full_info_greedy", "greedy", "eps_greedy", "diag_linucb")]

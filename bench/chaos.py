@@ -46,7 +46,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from featurestore.events import Click, Impression, ShownItem
 from freshrec.devstack import (
-    _die_with_parent,
+    die_with_parent,
     free_port,
     redis_server_binary,
     tansu_binary,
@@ -102,7 +102,7 @@ class Infra:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
 
     def start_kafka(self) -> None:
         url = f"tcp://127.0.0.1:{self.kafka_port}"
@@ -171,7 +171,7 @@ def start(component: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, "-m", "freshrec.cli", component], env=env,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 60.0) -> int:

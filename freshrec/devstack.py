@@ -32,7 +32,9 @@ from freshrec.settings import redact_url
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """SIGTERM this process when its parent dies (run in a child: between fork and exec, or
+    first thing in a spawned worker), so a parent killed hard leaves no orphan behind."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -157,7 +159,7 @@ class LocalStack:
         else:
             out = subprocess.DEVNULL  # type: ignore[assignment]
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=die_with_parent)
         self.children.append((name, proc))
         return proc
 

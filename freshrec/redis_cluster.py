@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 
 from freshrec.devstack import (
-    _die_with_parent,
+    die_with_parent,
     free_port,
     redis_server_binary,
     stop_child,
@@ -84,7 +84,7 @@ class LocalRedisCluster:
                      "--cluster-enabled", "yes", "--cluster-config-file",
                      str(node_dir / "nodes.conf"), "--cluster-node-timeout", "5000",
                      "--save", "", "--appendonly", "no", "--dir", str(node_dir)],
-                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+                    stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent))
             for port in self.ports:
                 wait_for_redis(f"redis://127.0.0.1:{port}/0", timeout)
             subprocess.run([str(redis_cli_binary()), "--cluster", "create", *self.nodes,

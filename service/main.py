@@ -100,7 +100,14 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 
 
 def _worker(host: str, port: int, opts: dict[str, Any]) -> None:
-    """One worker process: its own socket, its own app (settings from the environment)."""
+    """One worker process: its own socket, its own app (settings from the environment).
+
+    It goes when the parent goes: a parent killed hard (an orchestrator's SIGKILL after the
+    grace period) left workers serving on the port for minutes.
+    """
+    from freshrec.devstack import die_with_parent
+
+    die_with_parent()
     sock = reuseport_socket(host, port)
     config = uvicorn.Config("service.main:app_from_env", factory=True, **opts)
     uvicorn.Server(config).run(sockets=[sock])

@@ -45,11 +45,29 @@ class FollowerSupervisor:
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="snapshot-follower")
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancel the follower; give up waiting after ``timeout_s``.
+
+        redis-py's cluster client was seen to swallow a cancellation that lands inside a
+        command and retry: with the cluster gone, a worker then never finished its shutdown
+        and outlived its parent. The cancellation is repeated until it lands between commands;
+        after ``timeout_s`` the rest of the shutdown goes on (the event loop's own close cancels
+        the task once more).
+        """
+        task = self._task
+        if task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not task.done():
+            task.cancel()
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                log.warning("snapshot follower did not stop within %.0f s; shutting down "
+                            "without it", timeout_s)
+                return
+            await asyncio.wait({task}, timeout=min(0.5, remaining))
+        with suppress(asyncio.CancelledError, Exception):
+            task.result()
 
     async def _supervise(self) -> None:
         backoff = self.min_backoff_s
