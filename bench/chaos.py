@@ -49,6 +49,7 @@ from freshrec.devstack import (
     die_with_parent,
     free_port,
     redis_server_binary,
+    stop_child,
     tansu_binary,
     wait_for_redis,
     wait_http_ok,
@@ -176,12 +177,7 @@ def start(component: str, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 def stop(proc: subprocess.Popen, timeout: float = 60.0) -> int:
     """SIGTERM (a normal stop: final checkpoint), then wait; the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            _kill9(proc)
+    stop_child(proc, grace=timeout)
     return proc.returncode
 
 
