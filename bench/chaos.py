@@ -623,7 +623,13 @@ def live_pipeline(infra: Infra, work: Path, seed: int) -> Iterator[tuple[Pipelin
     poller: VersionPoller | None = None
     try:
         pipe.start()
+        # /readyz answered by one worker says nothing of the other: wait until a run of probes
+        # (spread over the SO_REUSEPORT workers by the kernel) all find a snapshot loaded, or
+        # a fault injected now would find a worker with nothing to serve yet.
+        wait_for(lambda: all(pipe.ready() for _ in range(12)), 120,
+                 "every service worker to load a snapshot")
         poller = VersionPoller(pipe.base_url).start()
+        wait_for(lambda: poller.latest > 0, 60, "the first served version")
         yield pipe, poller
     finally:
         if poller is not None:
