@@ -184,6 +184,16 @@ class BucketedStore:
                 now=now)
             self._versions[None] = version
 
+    def write_image(self, data: SnapshotData) -> bool:
+        """An image per owned bucket chain that published since its last one (see
+        :meth:`SnapshotStore.write_image`); the head chain carries no rows."""
+        parts = self._split(SnapshotData(emb=data.emb, bandit=data.bandit))
+        wrote = False
+        for chain, store in self.stores.items():
+            if chain is not None:
+                wrote |= store.write_image(parts.get(chain, SnapshotData()))
+        return wrote
+
     def drop(self) -> None:
         """Delete every key of the owned chains (tests, decommissioning)."""
         for store in self.stores.values():

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 
 CHUNK_BYTES = 1 << 20  # large values are split so no single Redis value exceeds ~1 MB
+# Image chunks are bigger: a 1 M-row image is tens of MB, and every chunk is one reply to read.
+IMAGE_CHUNK_BYTES = 4 << 20
 ROW_DTYPES = ("float32", "float16")
 ID_DTYPE = np.dtype("<i8")
 F64 = np.dtype("<f8")
@@ -101,6 +103,20 @@ def _record_dtype(width: int, dtype: np.dtype) -> np.dtype:
     return np.dtype([("id", ID_DTYPE), ("row", dtype.newbyteorder("<"), (width,))])
 
 
+def encode_records(ids: np.ndarray, rows: np.ndarray, dtype: np.dtype,
+                   chunk_bytes: int = IMAGE_CHUNK_BYTES) -> list[bytes]:
+    """(IDs, rows) -> ``8-byte ID | row`` records cut at record boundaries into chunks of at
+    most ``chunk_bytes`` (the inverse of :func:`decode_records`)."""
+    rows = np.asarray(rows)
+    width = rows.shape[1] if rows.ndim == 2 else 0
+    rec = _record_dtype(width, dtype)
+    records = np.empty(len(ids), dtype=rec)
+    records["id"] = ids
+    records["row"] = rows
+    per_chunk = max(1, chunk_bytes // rec.itemsize)
+    return [records[i : i + per_chunk].tobytes() for i in range(0, len(records), per_chunk)]
+
+
 def decode_records(blobs: list[bytes], width: int, dtype: np.dtype
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Concatenated ``8-byte ID | row`` records -> (sorted unique int64 IDs, rows ``(n, width)``).
@@ -133,7 +149,7 @@ def decode_found_rows(ids: np.ndarray, found_flags: bytes, values: bytes, width:
 
 
 __all__ = [
-    "CHUNK_BYTES", "F64", "ID_DTYPE", "ROW_DTYPES", "SnapshotFormatError", "decode_arrays",
-    "decode_found_rows", "decode_records", "encode_arrays", "id_fields", "pack_ids",
-    "split_fixed", "unpack_ids",
+    "CHUNK_BYTES", "F64", "ID_DTYPE", "IMAGE_CHUNK_BYTES", "ROW_DTYPES", "SnapshotFormatError",
+    "decode_arrays", "decode_found_rows", "decode_records", "encode_arrays", "encode_records",
+    "id_fields", "pack_ids", "split_fixed", "unpack_ids",
 ]  # fmt: skip

@@ -24,6 +24,10 @@ key                                          contents
 ``fr:{m}:centroids``                         hash: ``manifest`` + ``chunk:{i}``
 ``fr:{m}:updates``                           stream of :class:`Update` entries (MAXLEN ~)
 ``fr:{m}:changelog:{version}``               hash: the ID lists of one big delta (expires)
+``fr:{m}:image:{gen}:{version}``             hash: every row as of ``version`` in a few big
+                                             chunks (``manifest``, ``e:{slot}:{i}``,
+                                             ``b:{i}``), for fast full reads (expires when
+                                             superseded)
 ===========================================  ===============================================
 
 Why the generation is part of the row keys: a full snapshot of a big table cannot be one
@@ -60,6 +64,9 @@ class Keys:
 
     def changelog(self, version: int) -> str:
         return f"{self.prefix}:changelog:{version}"
+
+    def image(self, generation: str, version: int) -> str:
+        return f"{self.prefix}:image:{generation}:{version}"
 
     def generation_keys(self, generation: str, slots: Iterable[str], emb_shards: int,
                         bandit_shards: int) -> list[str]:

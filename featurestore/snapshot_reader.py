@@ -9,8 +9,9 @@ synchronous :class:`SnapshotReader` (the publisher, tests, tools) and the servic
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,11 @@ return {table.concat(found), table.concat(vals)}
 # reload takes twice as long (measured in docs/serving.md).
 FULL_READ_PAUSE_RATIO = 1.0
 SCAN_COUNT = 10_000  # rows per HSCAN step: ~0.7 MB replies, short stalls of Redis itself
+# An image older than this many stream entries is not worth catching up from (~10 min at 5
+# publishes/s; the publisher writes one every ``trainer_snapshot_image_interval_s``).
+MAX_CATCHUP_ENTRIES = 3_000
+IMAGE_FIELDS_PER_ROUND = 4  # image chunks (<= 4 MB each) per round trip
+MAX_IMAGE_CHUNKS = 1 << 20
 
 Command = tuple[str, tuple]
 # A read plan: yields rounds of commands (sent as one pipeline), receives their results, and
@@ -85,7 +91,8 @@ Command = tuple[str, tuple]
 Plan = Generator[list[Command], list[Any], Callable[[], Any]]
 
 
-def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
+def _scan_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
+    """Every row by walking the chain's hashes (when there is no usable image)."""
     dtype = np.dtype(meta.row_dtype).newbyteorder("<")
     bandit_width = 1 + 2 * meta.bandit.n_clusters if meta.bandit is not None else 0
     # (group, hash key, values per row, dtype): group is a slot name, or "" for the bandit
@@ -138,6 +145,164 @@ def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
     return assemble
 
 
+def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
+    """The chain's image plus the rows the entries after it announced; a scan without one.
+
+    An image is usable when its own stream entry is still in the stream (so every entry after
+    it is too), it is at most :data:`MAX_CATCHUP_ENTRIES` entries old, and its chunks and the
+    changelogs of those entries still exist; anything else falls back to the scan. Rows an
+    entry after the image wrote or deleted are fetched from the hashes as they are now (so
+    possibly newer, or gone: deleted), exactly like following those entries would.
+    """
+    img = meta.image
+    if img is None or img.version > meta.version or stream_id == b"0-0":
+        return (yield from _scan_plan(keys, meta, stream_id))
+    key = keys.image(meta.generation, img.version)
+    own, entries, manifest_raw, dense_fields, cent_fields = yield [
+        ("xrange", (keys.updates, img.stream_id, img.stream_id)),
+        ("xrange", (keys.updates, b"(" + img.stream_id, stream_id, MAX_CATCHUP_ENTRIES + 1)),
+        ("hget", (key, "manifest")),
+        ("hgetall", (keys.dense(meta.dense_version),)),
+        ("hgetall", (keys.centroids,)),
+    ]
+    updates = [Update.decode(i, f) for i, f in entries]
+    manifest = _image_manifest(manifest_raw, meta, img.version)
+    if (manifest is None or not own or len(updates) > MAX_CATCHUP_ENTRIES
+            or Update.decode(*own[0]).version != img.version
+            or any(u.generation != meta.generation for u in updates)):
+        return (yield from _scan_plan(keys, meta, stream_id))
+    deltas = [u for u in updates if u.kind == "delta"]  # "full" of this generation: no rows
+    logged = [i for i, u in enumerate(deltas) if u.changelog]
+    if logged:
+        got = yield [("hgetall", (deltas[i].changelog,)) for i in logged]
+        if not all(got):  # a changelog expired: the rows it named are unknown
+            return (yield from _scan_plan(keys, meta, stream_id))
+        for i, fields in zip(logged, got, strict=True):
+            deltas[i] = deltas[i].with_changelog(fields)
+    changed = _changed_since(deltas, meta)
+    emb_chunks, bandit_chunks = manifest
+    names = [(slot, f"e:{slot}:{i}") for slot, n in emb_chunks.items() for i in range(n)]
+    names += [("", f"b:{i}") for i in range(bandit_chunks)]
+    blobs: dict[str, list[bytes]] = {}
+    for start in range(0, len(names), IMAGE_FIELDS_PER_ROUND):
+        batch = names[start : start + IMAGE_FIELDS_PER_ROUND]
+        got = yield [("hget", (key, name)) for _, name in batch]
+        if any(g is None for g in got):  # superseded and expired while we read it
+            return (yield from _scan_plan(keys, meta, stream_id))
+        for (group, _), blob in zip(batch, got, strict=True):
+            blobs.setdefault(group, []).append(blob)
+    fetch = _RowFetch(keys, meta, meta.generation, changed)
+    results = (yield fetch.cmds) if fetch.cmds else []
+
+    def assemble() -> FullSnapshot:
+        if not dense_fields and meta.dense_version:
+            raise SnapshotFormatError(f"dense weights version {meta.dense_version} missing")
+        present, _ = fetch.decode(iter(results))
+        dtype = np.dtype(meta.row_dtype).newbyteorder("<")
+        emb = {}
+        for slot, dim in meta.slots.items():
+            ids, rows = decode_records(blobs.get(slot, []), dim, dtype)
+            ids, rows = _patched(ids, rows, changed.get(slot), present.get(slot))
+            emb[slot] = (ids, rows.astype(np.float32))
+        bandit = None
+        if meta.bandit is not None:
+            width = 1 + 2 * meta.bandit.n_clusters
+            ids, packed = decode_records(blobs.get("", []), width, F64)
+            ids, packed = _patched(ids, packed, changed.get(""), present.get(""))
+            bandit = bandit_rows(ids, packed, meta.bandit.n_clusters)
+        centroids = decode_arrays(cent_fields) if cent_fields else None
+        dense = decode_arrays(dense_fields) if dense_fields else {}
+        return FullSnapshot(meta, stream_id, emb, dense, bandit, centroids, source="image")
+
+    return assemble
+
+
+def _image_manifest(raw: bytes | None, meta: SnapshotMeta, version: int
+                    ) -> tuple[dict[str, int], int] | None:
+    """(chunks per slot, bandit chunks) of an image, or None when it is gone or not this one."""
+    if raw is None:
+        return None
+    try:
+        m = json.loads(raw)
+        emb = {str(k): int(v) for k, v in m["emb"].items()}
+        bandit = int(m["bandit"])
+        ok = int(m["version"]) == version
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SnapshotFormatError(f"bad image manifest: {exc!r}") from None
+    if not ok:
+        return None
+    if any(k not in meta.slots for k in emb) or any(
+            not 0 <= n <= MAX_IMAGE_CHUNKS for n in (*emb.values(), bandit)):
+        raise SnapshotFormatError(f"image manifest does not fit the meta: {raw[:200]!r}")
+    return emb, bandit
+
+
+def _changed_since(deltas: list[Update], meta: SnapshotMeta) -> dict[str, np.ndarray]:
+    """Per slot ("" for the bandit) the sorted IDs any of ``deltas`` wrote or deleted."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for u in deltas:
+        for group in (u.emb, u.deleted):
+            for slot, ids in group.items():
+                if slot in meta.slots:
+                    parts.setdefault(slot, []).append(ids)
+        if len(u.bandit_ids) and meta.bandit is not None:
+            parts.setdefault("", []).append(u.bandit_ids)
+    return {g: np.unique(np.concatenate(p)) for g, p in parts.items()}
+
+
+def _patched(ids: np.ndarray, rows: np.ndarray, changed: np.ndarray | None,
+             fetched: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Image rows with every changed ID replaced by its fetched row (absent: deleted)."""
+    if changed is None or not len(changed):
+        return ids, rows
+    keep = ~np.isin(ids, changed, assume_unique=True)
+    got_ids, got_rows = fetched if fetched is not None else (ids[:0], rows[:0])
+    ids = np.concatenate([ids[keep], got_ids])
+    rows = np.concatenate([rows[keep], got_rows.astype(rows.dtype, copy=False)])
+    order = np.argsort(ids, kind="stable")
+    return ids[order], rows[order]
+
+
+class _RowFetch:
+    """Rows of given IDs from the chain's hashes: one Lua HMGET per shard, decoded together."""
+
+    def __init__(self, keys: Keys, meta: SnapshotMeta, generation: str,
+                 ids: dict[str, np.ndarray], n_clusters: int | None = None) -> None:
+        dtype = np.dtype(meta.row_dtype).newbyteorder("<")
+        if n_clusters is None:
+            n_clusters = meta.bandit.n_clusters if meta.bandit is not None else 0
+        self.cmds: list[Command] = []
+        self.groups: list[tuple[str, np.ndarray, int, np.dtype]] = []
+        for group, group_ids in ids.items():
+            if not len(group_ids):
+                continue
+            if group:
+                n_shards, width, dt = meta.emb_shards, meta.slots[group], dtype
+            else:
+                n_shards, width, dt = meta.bandit_shards, 1 + 2 * n_clusters, F64
+            shards = shard_of(group_ids, n_shards)
+            for s in np.unique(shards):
+                sel = group_ids[shards == s]
+                key = (keys.emb(generation, group, int(s)) if group
+                       else keys.bandit(generation, int(s)))
+                self.cmds.append(("eval", (_GET_ROWS, 1, key, pack_ids(sel),
+                                           width * dt.itemsize)))
+                self.groups.append((group, sel, width, dt))
+
+    def decode(self, results: Iterator[Any]
+               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, list[np.ndarray]]]:
+        """(present rows per group, absent IDs per group), consuming one result per command."""
+        present: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        absent: dict[str, list[np.ndarray]] = {}
+        for group, ids, width, dt in self.groups:
+            got, rows, missing = decode_found_rows(ids, *next(results), width, dt)
+            present.setdefault(group, []).append((got, rows))
+            absent.setdefault(group, []).append(missing)
+        joined = {g: (np.concatenate([p[0] for p in parts]),
+                      np.concatenate([p[1] for p in parts])) for g, parts in present.items()}
+        return joined, absent
+
+
 def _delta_plan(keys: Keys, meta: SnapshotMeta, update: Update, current_dense: int,
                 current_centroids: int) -> Plan:
     if update.changelog:
@@ -145,22 +310,12 @@ def _delta_plan(keys: Keys, meta: SnapshotMeta, update: Update, current_dense: i
         if not fields:
             raise SnapshotFormatError(f"changelog {update.changelog} expired")
         update = update.with_changelog(fields)
-    dtype = np.dtype(meta.row_dtype).newbyteorder("<")
     n_clusters = update.bandit_header.n_clusters if update.bandit_header is not None else 0
-    groups: list[tuple[str, np.ndarray, int, np.dtype]] = []
-    cmds: list[Command] = []
-    lists = [(slot, ids, meta.emb_shards, meta.slots[slot], dtype)
-             for slot, ids in update.emb.items() if slot in meta.slots and len(ids)]
+    wanted = {slot: ids for slot, ids in update.emb.items() if slot in meta.slots}
     if len(update.bandit_ids) and update.bandit_header is not None:
-        lists.append(("", update.bandit_ids, meta.bandit_shards, 1 + 2 * n_clusters, F64))
-    for group, ids, n_shards, width, dt in lists:
-        shards = shard_of(ids, n_shards)
-        for s in np.unique(shards):
-            sel = ids[shards == s]
-            key = (keys.emb(update.generation, group, int(s)) if group
-                   else keys.bandit(update.generation, int(s)))
-            cmds.append(("eval", (_GET_ROWS, 1, key, pack_ids(sel), width * dt.itemsize)))
-            groups.append((group, sel, width, dt))
+        wanted[""] = update.bandit_ids
+    fetch = _RowFetch(keys, meta, update.generation, wanted, n_clusters)
+    cmds = list(fetch.cmds)
     want_dense = update.dense_version != current_dense
     if want_dense:
         cmds.append(("hgetall", (keys.dense(update.dense_version),)))
@@ -171,15 +326,11 @@ def _delta_plan(keys: Keys, meta: SnapshotMeta, update: Update, current_dense: i
 
     def assemble() -> DeltaRows:
         it = iter(results)
-        present: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        joined, absent = fetch.decode(it)
         deleted: dict[str, list[np.ndarray]] = {s: [ids] for s, ids in update.deleted.items()}
-        for group, ids, width, dt in groups:
-            got, rows, absent = decode_found_rows(ids, *next(it), width, dt)
-            present.setdefault(group, []).append((got, rows))
-            if group and len(absent):
-                deleted.setdefault(group, []).append(absent)
-        joined = {g: (np.concatenate([p[0] for p in parts]),
-                      np.concatenate([p[1] for p in parts])) for g, parts in present.items()}
+        for group, missing in absent.items():
+            if group:
+                deleted.setdefault(group, []).extend(missing)
         bandit = None
         if "" in joined:
             bandit = bandit_rows(*joined.pop(""), n_clusters)

@@ -9,6 +9,7 @@ fully when they do not chain (stream trimmed past it, a publisher restart, a new
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,6 +43,29 @@ class BanditHeader:
                    int(d["version"]), None if d["clock"] is None else float(d["clock"]))
 
 
+_STREAM_ID = re.compile(rb"\d{1,20}-\d{1,20}")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where the newest image of a chain's rows is: the version it holds and that version's
+    stream entry (a full read loads it, then the rows the entries after it announced)."""
+
+    version: int
+    stream_id: bytes
+
+    def to_json(self) -> str:
+        return json.dumps({"v": self.version, "id": self.stream_id.decode()})
+
+    @classmethod
+    def from_json(cls, raw: str) -> ImageRef:
+        d = json.loads(raw)
+        version, stream_id = int(d["v"]), str(d["id"]).encode()
+        if version < 1 or not _STREAM_ID.fullmatch(stream_id):
+            raise ValueError(f"image reference {raw[:80]!r}")
+        return cls(version, stream_id)
+
+
 @dataclass(frozen=True)
 class SnapshotMeta:
     """Decoded ``fr:{m}:meta``: which generation and versions are current, and the shapes."""
@@ -58,6 +82,7 @@ class SnapshotMeta:
     bandit_shards: int
     slots: dict[str, int]
     bandit: BanditHeader | None
+    image: ImageRef | None = None
 
     @classmethod
     def decode(cls, raw: Mapping[bytes, bytes]) -> SnapshotMeta | None:
@@ -75,6 +100,7 @@ class SnapshotMeta:
                 emb_shards=int(g["emb_shards"]), bandit_shards=int(g["bandit_shards"]),
                 slots={str(k): int(v) for k, v in json.loads(g["slots"]).items()},
                 bandit=BanditHeader.from_json(g["bandit"]) if g.get("bandit") else None,
+                image=ImageRef.from_json(g["image"]) if g.get("image") else None,
             )  # fmt: skip
         except KeyError:
             return None
@@ -177,6 +203,7 @@ class FullSnapshot:
     dense: dict[str, np.ndarray]
     bandit: BanditRows | None
     centroids: dict[str, np.ndarray] | None
+    source: str = "scan"  # "image": an image plus the rows changed since; "scan": every row
 
 
 @dataclass(frozen=True)
@@ -211,6 +238,7 @@ def bandit_rows(ids: np.ndarray, packed: np.ndarray, n_clusters: int) -> BanditR
 
 
 __all__ = [
-    "BanditHeader", "BanditRows", "DeltaRows", "FullSnapshot", "SnapshotData", "SnapshotMeta",
+    "BanditHeader", "BanditRows", "DeltaRows", "FullSnapshot", "ImageRef", "SnapshotData",
+    "SnapshotMeta",
     "Update", "bandit_row_bytes", "bandit_rows",
 ]  # fmt: skip

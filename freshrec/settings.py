@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # publisher drops it and writes a full snapshot once Redis is back (docs/trainer.md).
     trainer_publish_queue_size: PositiveInt = 8
     trainer_publish_max_pending_rows: PositiveInt = 2_000_000
+    # Every this many seconds (when rows changed) the publisher also writes an image of every
+    # row: a replica's full load reads it plus the rows changed since, a few big values instead
+    # of a walk over every hash field (docs/serving.md). 0 turns images off.
+    trainer_snapshot_image_interval_s: Annotated[float, Field(ge=0)] = 30.0
     trainer_sweep_interval_s: PositiveFloat = 5.0
     trainer_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
     trainer_progressive_window: PositiveInt = 10_000

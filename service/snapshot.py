@@ -224,8 +224,8 @@ class SnapshotFollower:
         self.full_loads += 1
         self.metrics.snapshot_updates.labels("full").inc()
         self._gauges()
-        log.info("loaded snapshot v%d generation %s (%s)", snap.version, snap.generation,
-                 snap.table_sizes())
+        log.info("loaded snapshot v%d generation %s (%s) from %s", snap.version,
+                 snap.generation, snap.table_sizes(), full.source)
         return True
 
     def _gauges(self) -> None:

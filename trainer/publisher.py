@@ -138,6 +138,7 @@ class Publisher:
         self.interval_s = settings.trainer_publish_interval_ms / 1000.0
         self.dense_interval_s = settings.trainer_dense_publish_interval_s
         self.max_pending_rows = settings.trainer_publish_max_pending_rows
+        self.image_interval_s = settings.trainer_snapshot_image_interval_s
         # -- the training thread's side: what has been gathered --
         self._gathered_full = False
         self._table_versions: dict[str, int] = {}
@@ -148,6 +149,8 @@ class Publisher:
         self._last_dense = -np.inf
         self._last_dense_arrays: dict[str, np.ndarray] | None = None
         self._last_centroids: Centroids | None = None
+        self._last_image = -np.inf
+        self._imaged: tuple[Any, ...] | None = None  # table/bandit versions of the last image
         self._want_full = threading.Event()  # set by the writer: gather a full snapshot next
         # -- the writer's side: what Redis has, and what waits for it --
         self.version = 0  # last version number used (confirmed or not)
@@ -187,13 +190,15 @@ class Publisher:
             self._want_full.clear()
             return self._submit("full", self._gather_full(now))
         data = self._gather_delta(now)
-        if data is None:
-            return False
-        done = self._submit("delta", data)
-        if self._queue is None and self._want_full.is_set():
-            # Inline: Redis lost the snapshot; republish in full right away.
-            self._want_full.clear()
-            done = self._submit("full", self._gather_full(now))
+        done = False
+        if data is not None:
+            done = self._submit("delta", data)
+            if self._queue is None and self._want_full.is_set():
+                # Inline: Redis lost the snapshot; republish in full right away.
+                self._want_full.clear()
+                return self._submit("full", self._gather_full(now))
+        if self._image_due(now):
+            self._submit("image", self._gather_image(now))
         return done
 
     def publish_full(self, now: float | None = None) -> None:
@@ -233,21 +238,44 @@ class Publisher:
         self._take(kind, data)
         return bool(self._flush())
 
-    def _gather_full(self, now: float) -> SnapshotData:
+    def _image_due(self, now: float) -> bool:
+        if (self.image_interval_s <= 0 or now - self._last_image < self.image_interval_s
+                or (self._queue is not None and self._queue.full())):
+            return False
+        return self._imaged != self._marker()
+
+    def _marker(self) -> tuple[Any, ...]:
+        return tuple(sorted(self._table_versions.items())), self._bandit_version
+
+    def _gather_rows(self) -> SnapshotData:
+        """Every live row and the bandit statistics, as copies (full snapshots and images)."""
         st = self.state
-        tables = st.tables
         data = SnapshotData()
-        versions = {}
-        for slot, table in tables.items():
+        for slot, table in st.tables.items():
             data.emb[slot] = table.all_rows()
-            versions[slot] = table.version
-            table.trim_deletions(table.version)  # a full snapshot needs no deletion log
         bandit = st.bandit
         if bandit is not None:
             a = bandit.to_arrays()
             data.bandit = BanditRows(a["item_ids"], a["t"], a["d"], a["b"])
             data.bandit_header = _bandit_header(bandit)
             self.metrics.bandit_items.set(len(bandit))
+        return data
+
+    def _gather_image(self, now: float) -> SnapshotData:
+        """The state the last gathered delta led to (gathered right after it, same thread)."""
+        self._last_image = now
+        self._imaged = self._marker()
+        return self._gather_rows()
+
+    def _gather_full(self, now: float) -> SnapshotData:
+        st = self.state
+        tables = st.tables
+        data = self._gather_rows()
+        versions = {}
+        for slot, table in tables.items():
+            versions[slot] = table.version
+            table.trim_deletions(table.version)  # a full snapshot needs no deletion log
+        bandit = st.bandit
         data.dense = model_arrays(st.model)
         cents = st.centroids()
         if cents is not None:
@@ -260,6 +288,7 @@ class Publisher:
         self._last_dense = now
         self._last_dense_arrays = data.dense
         self._last_centroids = cents
+        self._last_image, self._imaged = now, self._marker()  # its write includes an image
         return data
 
     def _tables_replaced(self) -> bool:
@@ -335,6 +364,9 @@ class Publisher:
 
     def _take(self, kind: str, data: SnapshotData) -> None:
         """Add gathered changes to what waits for Redis."""
+        if kind == "image":
+            self._take_image(data)
+            return
         if kind == "full":
             self._full, self._delta, self._need_full = data, None, False
         elif not self._need_full:  # else the full snapshot to come covers it
@@ -351,6 +383,29 @@ class Publisher:
                 self.metrics.publish_overflows.inc()
         rows = pending_rows(self._delta) if self._delta is not None else 0
         self.metrics.publish_pending_rows.set(rows)
+
+    def _take_image(self, data: SnapshotData) -> None:
+        """Write an image of the state after every delta taken so far — flushing those first,
+        so the image is exactly the last written version. Dropped when that is not possible
+        (Redis away, a full snapshot pending: it writes its own); the next interval retries."""
+        if self._full is not None or self._need_full:
+            return
+        if self._delta is not None:
+            self._flush()
+        if self._delta is None and self._full is None and not self._need_full:
+            self._write_image(data)
+
+    def _write_image(self, data: SnapshotData) -> None:
+        started = time.perf_counter()
+        try:
+            wrote = self.store.write_image(data)
+        except REDIS_UNAVAILABLE as exc:
+            self.metrics.publishes.labels("error").inc()
+            self.metrics.publish_failures.inc()
+            log.warning("writing the snapshot image failed (next interval retries): %s", exc)
+            return
+        if wrote:
+            self._observe("image", started, data)
 
     def _flush(self, raise_errors: bool = False) -> bool | None:
         """Write what waits; True if something was written, None if Redis failed."""
@@ -404,6 +459,8 @@ class Publisher:
         self._observe("full", started, data)
         log.info("published full snapshot v%d generation %s (%d rows)", version,
                  self.generation, data.n_rows)
+        if self.image_interval_s > 0:
+            self._write_image(data)
 
     def _write_delta(self, data: SnapshotData) -> None:
         started = time.perf_counter()

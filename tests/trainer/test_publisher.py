@@ -151,3 +151,26 @@ def test_past_the_bound_redis_gets_a_full_snapshot_once_back(redis_proc: RedisPr
         assert pub.generation != generation
     finally:
         pub.close(timeout_s=2)
+
+
+def test_images_written_between_deltas_read_back_as_the_tables(redis_proc: RedisProcess) -> None:
+    """Every image holds exactly the version it names: image + later entries == the tables."""
+    pub, state = make_publisher(redis_proc.url, trainer_snapshot_image_interval_s=3.0)
+    rng = np.random.default_rng(3)
+    cycle = [time.monotonic()]
+    try:
+        settle(pub, redis_proc.url, state, cycle)
+        for k in range(20):
+            train_a_little(state, rng, 300.0 + k)
+            cycle[0] += 1.0
+            pub.maybe_publish(cycle[0])
+            if k % 7 == 6:
+                settle(pub, redis_proc.url, state, cycle)
+        settle(pub, redis_proc.url, state, cycle)
+        images = pub.metrics.registry.get_sample_value("freshrec_trainer_publishes_total",
+                                                       {"kind": "image"})
+        assert images is not None and images >= 5  # the full snapshot's + every ~3 cycles
+        full = SnapshotStore(redis.Redis.from_url(redis_proc.url), "outage").read_full()
+        assert full is not None and full.source == "image" and full.meta.image.version > 1
+    finally:
+        pub.close(timeout_s=2)
