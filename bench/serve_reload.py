@@ -114,7 +114,8 @@ def loop_lag_during_reloads(settings, reloads: int = 2) -> dict:
         await task
         await client.aclose()
         ms = np.array(lags) * 1e3
-        return {"reload_seconds": seconds, "loop_lag_max_ms": round(float(ms.max()), 1),
+        return {"reload_seconds": seconds, "read_from": follower.last_full_source,
+                "loop_lag_max_ms": round(float(ms.max()), 1),
                 "loop_lag_p99_ms": round(float(np.percentile(ms, 99)), 1),
                 "loop_lag_p999_ms": round(float(np.percentile(ms, 99.9)), 1)}
 

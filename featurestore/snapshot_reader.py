@@ -203,7 +203,7 @@ def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
         for slot, dim in meta.slots.items():
             ids, rows = decode_records(blobs.get(slot, []), dim, dtype)
             ids, rows = _patched(ids, rows, changed.get(slot), present.get(slot))
-            emb[slot] = (ids, rows.astype(np.float32))
+            emb[slot] = (ids, rows.astype(np.float32, copy=False))
         bandit = None
         if meta.bandit is not None:
             width = 1 + 2 * meta.bandit.n_clusters
@@ -256,11 +256,13 @@ def _patched(ids: np.ndarray, rows: np.ndarray, changed: np.ndarray | None,
     if changed is None or not len(changed):
         return ids, rows
     keep = ~np.isin(ids, changed, assume_unique=True)
-    got_ids, got_rows = fetched if fetched is not None else (ids[:0], rows[:0])
-    ids = np.concatenate([ids[keep], got_ids])
-    rows = np.concatenate([rows[keep], got_rows.astype(rows.dtype, copy=False)])
-    order = np.argsort(ids, kind="stable")
-    return ids[order], rows[order]
+    ids, rows = ids[keep], rows[keep]
+    if fetched is None or not len(fetched[0]):
+        return ids, rows
+    order = np.argsort(fetched[0])  # a few rows into a big sorted array: no full re-sort
+    got_ids, got_rows = fetched[0][order], fetched[1][order].astype(rows.dtype, copy=False)
+    at = np.searchsorted(ids, got_ids)
+    return np.insert(ids, at, got_ids), np.insert(rows, at, got_rows, axis=0)
 
 
 class _RowFetch:

@@ -69,7 +69,8 @@ class TrainerMetrics:
                                          buckets=_STEP_BUCKETS, registry=r)
         self.publish_rows = Histogram(p + "publish_rows", "Rows written per publish.",
                                       buckets=(0, 10, 100, 1e3, 1e4, 1e5, 1e6), registry=r)
-        self.publishes = Counter(p + "publishes_total", "Publishes, by kind (delta/full/dense/image/error).",
+        self.publishes = Counter(p + "publishes_total",
+                                 "Publishes, by kind (delta/full/dense/image/error).",
                                  ["kind"], registry=r)
         self.snapshot_version = Gauge(p + "snapshot_version", "Last published version.",
                                       registry=r)

@@ -204,6 +204,7 @@ class SnapshotFollower:
         self.snapshot: ServingSnapshot | None = None
         self.position = b"0-0"
         self.full_loads = 0
+        self.last_full_source = ""  # "image" or "scan": how the last full load read Redis
         self.connected = False
         self._last_log = -np.inf
 
@@ -222,6 +223,7 @@ class SnapshotFollower:
         self.snapshot = snap
         self.position = full.stream_id
         self.full_loads += 1
+        self.last_full_source = full.source
         self.metrics.snapshot_updates.labels("full").inc()
         self._gauges()
         log.info("loaded snapshot v%d generation %s (%s) from %s", snap.version,

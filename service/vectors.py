@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featurestore.snapshot_codec import last_per_id
+
 
 @dataclass(frozen=True)
 class SlotState:
@@ -52,23 +54,6 @@ class SlotChange:
     state: SlotState
     free: np.ndarray  # rows no state will point at once this is committed
     used: int  # rows of the matrix ever handed out (row 0 included)
-
-
-def last_per_id(ids: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique IDs and, for each, its last vector in ``ids`` order (last write wins)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(ids) < 2 or (ids[1:] > ids[:-1]).all():
-        return ids, vectors
-    # Unsorted: one plain sort serves the usual case, a full snapshot's unique IDs. Only with
-    # duplicates does the order among equal IDs matter, which the stable path below keeps
-    # (np.unique with return_index costs ~4x a sort on 1 M IDs and holds the GIL longer).
-    order = ids.argsort()
-    ordered = ids[order]
-    if not (ordered[1:] == ordered[:-1]).any():
-        return ordered, vectors[order]
-    rev = ids[::-1]
-    uniq, first_in_rev = np.unique(rev, return_index=True)
-    return uniq, vectors[len(ids) - 1 - first_in_rev]
 
 
 class SlotVectors:
