@@ -239,8 +239,9 @@ class BucketedFull:
         if meta.bandit is not None and bandit is None:
             c = meta.bandit.n_clusters
             bandit = BanditRows(_NO_IDS, np.empty(0), np.empty((0, c)), np.empty((0, c)))
+        source = "image" if all(f.source == "image" for f in self.buckets.values()) else "scan"
         return FullSnapshot(meta, self.head.stream_id, emb, self.head.dense, bandit,
-                            self.head.centroids)
+                            self.head.centroids, source=source)
 
 
 def _complete(head: FullSnapshot | None, parts: dict[int, FullSnapshot | None]

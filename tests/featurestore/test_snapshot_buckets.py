@@ -151,6 +151,7 @@ def test_a_bucketed_model_spreads_over_every_master(redis_cluster: LocalRedisClu
         assert world.publish()
     full = BucketedReader(client, "spread", BUCKETS).read_full()
     assert full is not None and matches_tables(full.merged().emb, world)
+    assert full.merged().source == "image"  # every chain's image plus its entries since
     # Every chain is one slot, and the chains land on every master.
     slots = {key_slot(Keys("spread", k).meta.encode()) for k in range(BUCKETS)}
     assert len(slots) == BUCKETS
