@@ -120,12 +120,18 @@ class _SlotEncoder:
         n = len(values)
         if self._single:
             # The common case in one C-level pass: every value present and memoized to one ID
-            # (a miss is a None, which fromiter refuses: then the path below memoizes it).
-            try:
-                ids = np.fromiter(map(self._single_memo.get, values), dtype=np.int64, count=n)
-                return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
-            except TypeError:
-                pass
+            # (a miss is a None, which fromiter refuses). On a miss, the column's distinct new
+            # values are memoized once each and the pass repeats: a time-ordered stream
+            # brings a new user with dozens of events in one batch, and the batch pays for
+            # that user once, not once per event.
+            single = self._single_memo
+            for attempt in range(2):
+                try:
+                    ids = np.fromiter(map(single.get, values), dtype=np.int64, count=n)
+                    return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
+                except TypeError:
+                    if attempt or not self._memoize_new(values, single):
+                        break
         bags = self._bags(values)
         lengths = list(map(len, bags))
         offsets = np.zeros(n + 1, dtype=np.int64)
@@ -133,8 +139,18 @@ class _SlotEncoder:
         ids = np.fromiter(chain.from_iterable(bags), dtype=np.int64, count=int(offsets[-1]))
         return SlotIds(ids, offsets)
 
+    def _memoize_new(self, keys: Iterable[Any], memo: Mapping[Any, Any]) -> bool:
+        """Memoize each distinct key not in ``memo`` yet; False if some key is unhashable."""
+        try:
+            new = set(keys).difference(memo)
+        except TypeError:
+            return False
+        for key in new:
+            self._ids_of(key)
+        return True
+
     def _bags(self, values: Sequence[Any]) -> list[tuple[int, ...]]:
-        """Each value's IDs: memo hits in C-level passes, then the misses one by one.
+        """Each value's IDs: memo hits in C-level passes, the distinct misses once each.
 
         Keys are the values, lists as tuples (as :meth:`_ids_of` keys them); a column mixing
         lists with other types, or holding unhashable values, goes value by value.
@@ -150,9 +166,11 @@ class _SlotEncoder:
             bags = list(map(self._memo.get, keys))
         except TypeError:  # unhashable inside (a list in a list)
             return list(map(self._ids_of, values))
+        if None in bags and self._memoize_new(keys, self._memo):
+            bags = list(map(self._memo.get, keys))
         i = -1
         try:
-            while True:  # each miss: one C-level scan from the last one
+            while True:  # left only if the memo was cleared meanwhile: one by one
                 i = bags.index(None, i + 1)
                 bags[i] = self._ids_of(values[i])
         except ValueError:  # no miss left
