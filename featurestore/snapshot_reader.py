@@ -72,10 +72,11 @@ for s = 0, n - 1, 1000 do
 end
 return {table.concat(found), table.concat(vals)}
 """
-# A replica's full read rests as long as each round took before sending the next: Redis walking
-# a 1 M-row hash costs seconds of a core, on cores that answer requests, and the replica serves
-# its last snapshot meanwhile anyway. Each reading replica keeps Redis at most half busy; a
-# reload takes twice as long (measured in docs/serving.md).
+# A replica's full read rests as long as each round took before sending the next. Walking the
+# hashes of a 1 M-row table (the scan, without an image) costs Redis seconds of a core, on cores
+# that answer requests, and the replica serves its last snapshot meanwhile anyway: each reading
+# replica keeps Redis at most half busy (measured in docs/serving.md). An image read is a few
+# rounds of memory copies, for which resting costs a few tenths of a second at most.
 FULL_READ_PAUSE_RATIO = 1.0
 SCAN_COUNT = 10_000  # rows per HSCAN step: ~0.7 MB replies, short stalls of Redis itself
 # An image older than this many stream entries is not worth catching up from (~10 min at 5
