@@ -40,6 +40,7 @@ OLD_GENERATION_TTL_S = 120
 OLD_DENSE_TTL_S = 300
 CHANGELOG_TTL_S = 600
 OLD_IMAGE_TTL_S = 120  # a replica mid-way through reading a superseded image finishes it
+UNFINISHED_IMAGE_TTL_S = 600
 
 
 class SnapshotStore(SnapshotReader):
@@ -256,13 +257,19 @@ class SnapshotStore(SnapshotReader):
             parts = encode_records(data.bandit.item_ids, bandit_row_bytes(data.bandit), F64)
             bandit_chunks = len(parts)
             fields.update({f"b:{i}": p for i, p in enumerate(parts)})
+        # Until meta points at it the image expires on its own: a write cut short (Redis
+        # away mid-way) leaves nothing behind for good.
         self.r.delete(key)
         for name, part in fields.items():  # one chunk per command: no burst of many MB at once
-            self.r.hset(key, name, part)
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(key, name, part)
+            pipe.expire(key, UNFINISHED_IMAGE_TTL_S)
+            pipe.execute()
         manifest = {"version": version, "emb": chunks, "bandit": bandit_chunks}
         ref = ImageRef(version, stream_id)
         tx = self.r.pipeline(transaction=True)
         tx.hset(key, "manifest", json.dumps(manifest))
+        tx.persist(key)
         tx.hset(self.keys.meta, "image", ref.to_json())
         if self.image is not None:
             tx.expire(self.keys.image(generation, self.image.version), OLD_IMAGE_TTL_S)

@@ -185,6 +185,29 @@ def test_a_new_image_expires_the_one_it_replaces(store: SnapshotStore) -> None:
     chain.delta(1, 1, 1)
     store.write_image(chain.state())
     assert 0 < store.r.ttl(store.keys.image(chain.generation, 1)) <= 120
-    assert store.r.ttl(store.keys.image(chain.generation, 2)) == -1
+    assert store.r.ttl(store.keys.image(chain.generation, 2)) == -1  # the current one stays
     full = store.read_full()
     assert full is not None and full.source == "image" and full.meta.image.version == 2
+
+
+def test_an_image_cut_short_expires_on_its_own(store: SnapshotStore,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    chain = Chain(store, seed=8)
+    calls = []
+    real = store.r.pipeline
+
+    def failing_pipeline(transaction: bool = True):  # Redis goes away before the manifest
+        if transaction:
+            calls.append(1)
+            raise redis.ConnectionError("gone")
+        return real(transaction=transaction)
+
+    monkeypatch.setattr(store.r, "pipeline", failing_pipeline)
+    with pytest.raises(redis.ConnectionError):
+        store.write_image(chain.state())
+    monkeypatch.undo()
+    key = store.keys.image(chain.generation, 1)
+    assert calls and store.r.exists(key) and 0 < store.r.ttl(key) <= 600
+    assert store.r.hget(store.keys.meta, "image") is None
+    full = store.read_full()
+    assert full is not None and full.source == "scan"
