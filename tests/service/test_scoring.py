@@ -71,9 +71,10 @@ def test_fast_body_parse_agrees_with_the_pydantic_model(change: dict) -> None:
 
 
 def test_the_known_valid_candidates_memo_bounds_its_bytes() -> None:
-    from service.schemas import _ValidCandidates
+    from service.schemas import _KnownCandidates
 
-    memo = _ValidCandidates(max_bytes=1_000)
+    memo = _KnownCandidates(max_bytes=1_000)
     for i in range(50):
-        memo.add(b"%d" % i + b"x" * 100)
-        assert sum(map(len, memo.keys)) <= 1_000
+        memo.add(b"%d" % i + b"x" * 100, (f"m{i}", {}))
+        assert sum(map(len, memo.items)) <= 1_000
+        assert memo.items[b"%d" % i + b"x" * 100] == (f"m{i}", {})
