@@ -10,6 +10,7 @@ and nothing is a module-level global.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -56,6 +57,18 @@ def _with_raw_body_schemas(app: FastAPI) -> Callable[[], dict[str, Any]]:
         return app.openapi_schema
 
     return openapi
+
+
+def _without_native_telemetry() -> dict[str, Any]:
+    """FastAPI's built-in OpenTelemetry off, where this FastAPI has it.
+
+    The service reports through Prometheus (``ServiceMetrics``). Left on, FastAPI asks the
+    OpenTelemetry API on every request whether a tracer, meter or logger provider is configured
+    (provider lookups and an environment read: ~3 % of a worker's CPU at 1,000 requests/s).
+    """
+    if "telemetry" not in inspect.signature(FastAPI.__init__).parameters:
+        return {}
+    return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
 def create_app(settings: Settings, *, config: ModelConfig | None = None,
@@ -106,7 +119,8 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             if redis_client is None:
                 await client.aclose()
 
-    app = FastAPI(title="freshrec scoring service", version="1", lifespan=lifespan)
+    app = FastAPI(title="freshrec scoring service", version="1", lifespan=lifespan,
+                  **_without_native_telemetry())
     app.state.service = state
     install_error_handlers(app)
     for module in (score, events, model, probes):
