@@ -111,9 +111,12 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
         state.sink.start()
         state.supervisor = FollowerSupervisor(state.follower, metrics)
         state.supervisor.start()
+        flusher = asyncio.create_task(metrics.flush_every(), name="metrics-flush")
         try:
             yield
         finally:
+            flusher.cancel()
+            metrics.scored.flush()
             await state.supervisor.stop()
             await asyncio.to_thread(state.sink.close)
             if redis_client is None:

@@ -78,3 +78,40 @@ def test_the_known_valid_candidates_memo_bounds_its_bytes() -> None:
         memo.add(b"%d" % i + b"x" * 100, (f"m{i}", {}))
         assert sum(map(len, memo.items)) <= 1_000
         assert memo.items[b"%d" % i + b"x" * 100] == (f"m{i}", {})
+
+
+def test_the_histogram_tally_equals_one_observe_per_value() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from freshrec.metrics import HistogramTally
+
+    values = [0.0, 0.01, 0.015, 0.02, 0.5, 1.0, 3.0, -1.0, 0.02000001, 100.0]
+    bounds = (0.01, 0.02, 0.05, 1.0)
+    direct = Histogram("h", "h", buckets=bounds, registry=(r1 := CollectorRegistry()))
+    tallied = Histogram("h", "h", buckets=bounds, registry=(r2 := CollectorRegistry()))
+    tally = HistogramTally(tallied)
+    for v in values:
+        direct.observe(v)
+        tally.observe(v)
+    assert r2.get_sample_value("h_count") == 0  # nothing written before the flush
+    tally.flush()
+    tally.flush()  # a second flush adds nothing
+
+    def samples(r: CollectorRegistry) -> list:
+        return [(s.name, s.labels, s.value) for m in r.collect() for s in m.samples
+                if not s.name.endswith("_created")]
+
+    assert samples(r2) == samples(r1)
+
+
+def test_scored_requests_reach_the_exposition() -> None:
+    from freshrec.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    metrics.scored.add(100, 20, 3, 0.05)
+    metrics.scored.add(50, 10, 0, None)
+    text = metrics.exposition().decode()
+    assert "freshrec_service_served_items_total 30.0" in text
+    assert "freshrec_service_explored_items_total 3.0" in text
+    assert "freshrec_service_candidates_count 2.0" in text
+    assert "freshrec_service_exploration_bonus_count 1.0" in text
