@@ -74,7 +74,12 @@ class NumpyCTR:
         if self.arch == "dcn":
             xl = x
             for wt, b in self.cross:
-                xl = x * (xl @ wt + b) + xl
+                # xl = x * (xl @ wt + b) + xl, the same operations on one buffer
+                t = xl @ wt
+                t += b
+                t *= x
+                t += xl
+                xl = t
             other = xl @ self.head_other
         else:
             v = (x @ self.fm_proj).reshape(len(x), self.n_slots, self.proj_dim)

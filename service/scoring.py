@@ -18,7 +18,6 @@ import xxhash
 
 from bandit.context import context_for, user_slots
 from featurestore.featurize import Featurizer, SlotIds, bandit_keys
-from featurestore.pooling import pool_rows
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from service.candidates import CandidateIds, candidate_key
 from service.snapshot import ServingSnapshot
@@ -50,11 +49,10 @@ def explore_bucket(user_id: str) -> float:
 def pool_into(out: np.ndarray, col: int, store: SlotVectors, s: SlotIds) -> None:
     """``out[i, col:col + dim]`` = the mean of bag i's vectors, zeros for an empty bag.
 
-    The trainer's pooling kernel (``featurestore.pooling.pool_rows``) on the snapshot's rows:
+    The trainer's pooling kernel (``featurestore.pooling.pool_bag``) on the snapshot's rows:
     unknown IDs map to the all-zero row 0, as unadmitted IDs pool as zeros in training.
     """
-    state = store.state  # rows and matrix from one committed state
-    pool_rows(state.matrix, state.rows(s.ids), s.offsets, out, col)
+    store.state.pool(s.ids, s.offsets, out, col)  # rows and matrix from one committed state
 
 
 class Scorer:

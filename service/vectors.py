@@ -19,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
+
+from featurestore.pooling import pool_bag
 
 from featurestore.snapshot_codec import last_per_id
 
@@ -45,6 +48,28 @@ class SlotState:
         i = keys.searchsorted(ids)
         np.minimum(i, len(keys) - 1, out=i)
         return np.where(keys[i] == ids, self.pos[i], 0)
+
+
+    def pool(self, ids: np.ndarray, offsets: np.ndarray, out: np.ndarray, col: int) -> None:
+        """``out[i, col:col + dim]`` = the mean of bag i's vectors (``featurestore.pooling``'s
+        rule and kernel), every row found as :meth:`rows` finds it: one compiled call instead
+        of the half-dozen numpy calls of ``rows`` plus the pooling (~10 us less per slot)."""
+        _pool_sorted(self.keys, self.pos, self.matrix, ids, offsets, out, col)
+
+
+@njit(cache=True)
+def _pool_sorted(keys: np.ndarray, pos: np.ndarray, matrix: np.ndarray, ids: np.ndarray,
+                 offsets: np.ndarray, out: np.ndarray, col: int) -> None:
+    n = keys.shape[0]
+    rows = np.zeros(ids.shape[0], dtype=np.int64)  # 0: the zero row, for unknown IDs
+    if n:
+        for j in range(ids.shape[0]):
+            i = np.searchsorted(keys, ids[j])
+            if i < n and keys[i] == ids[j]:
+                rows[j] = pos[i]
+    dim = matrix.shape[1]
+    for e in range(offsets.shape[0] - 1):
+        pool_bag(matrix, rows, offsets[e], offsets[e + 1], dim, out[e], col)
 
 
 @dataclass(frozen=True)
