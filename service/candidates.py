@@ -29,7 +29,7 @@ def candidate_key(item_id: str, features: Mapping[str, Any]) -> bytes:
     return orjson.dumps([item_id, features])
 
 
-class _SlotColumn:
+class SlotColumn:
     """One slot's IDs of every known candidate: ``flat[start[r]:start[r] + length[r]]``."""
 
     def __init__(self, capacity: int) -> None:
@@ -84,7 +84,7 @@ class CandidateIds:
         self.rows: dict[bytes, int] = {}
         self._key_bytes = 0
         size = max(self.capacity, at_least)
-        self.columns = {s: _SlotColumn(size) for s in self.item_slots}
+        self.columns = {s: SlotColumn(size) for s in self.item_slots}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -106,6 +106,13 @@ class CandidateIds:
     def slot_ids(self, keys: Sequence[bytes],
                  items: Sequence[tuple[str, Mapping[str, Any]]]) -> dict[str, SlotIds]:
         """Each item slot's jagged IDs for the candidates ``items`` (keyed by ``keys``)."""
+        rows = self.table_rows(keys, items)
+        return {s: c.gather(rows) for s, c in self.columns.items()}
+
+    def table_rows(self, keys: Sequence[bytes],
+                   items: Sequence[tuple[str, Mapping[str, Any]]]) -> np.ndarray:
+        """The table row of each candidate (featurized and added first where missing):
+        slot ``s``'s IDs of candidate i are ``columns[s]``'s bag at row ``result[i]``."""
         get = self.rows.get
         found = list(map(get, keys))
         if None in found:
@@ -121,5 +128,4 @@ class CandidateIds:
                 self._reset(len(missing))
             self._add(list(missing), list(missing.values()))
             found = list(map(self.rows.get, keys))
-        rows = np.array(found, dtype=np.int64)
-        return {s: c.gather(rows) for s, c in self.columns.items()}
+        return np.array(found, dtype=np.int64)

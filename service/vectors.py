@@ -57,16 +57,22 @@ class SlotState:
         _pool_sorted(self.keys, self.pos, self.matrix, ids, offsets, out, col)
 
 
+@njit(cache=True, inline="always")
+def row_of(keys: np.ndarray, pos: np.ndarray, key: int) -> int:
+    """Compiled :meth:`SlotState.rows` for one ID: its matrix row, 0 (the zero row) if unknown."""
+    n = keys.shape[0]
+    if n == 0:
+        return 0
+    i = np.searchsorted(keys, key)
+    return pos[i] if i < n and keys[i] == key else 0
+
+
 @njit(cache=True)
 def _pool_sorted(keys: np.ndarray, pos: np.ndarray, matrix: np.ndarray, ids: np.ndarray,
                  offsets: np.ndarray, out: np.ndarray, col: int) -> None:
-    n = keys.shape[0]
-    rows = np.zeros(ids.shape[0], dtype=np.int64)  # 0: the zero row, for unknown IDs
-    if n:
-        for j in range(ids.shape[0]):
-            i = np.searchsorted(keys, ids[j])
-            if i < n and keys[i] == ids[j]:
-                rows[j] = pos[i]
+    rows = np.empty(ids.shape[0], dtype=np.int64)
+    for j in range(ids.shape[0]):
+        rows[j] = row_of(keys, pos, ids[j])
     dim = matrix.shape[1]
     for e in range(offsets.shape[0] - 1):
         pool_bag(matrix, rows, offsets[e], offsets[e + 1], dim, out[e], col)

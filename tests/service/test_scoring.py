@@ -115,3 +115,29 @@ def test_scored_requests_reach_the_exposition() -> None:
     assert "freshrec_service_explored_items_total 3.0" in text
     assert "freshrec_service_candidates_count 2.0" in text
     assert "freshrec_service_exploration_bonus_count 1.0" in text
+
+
+def test_pooling_candidates_from_the_table_equals_gathering_then_pooling() -> None:
+    from featurestore.featurize import Featurizer
+    from featurestore.schema import SlotSide, load_model_config
+    from freshrec.settings import default_model_config_path
+    from service.candidates import CandidateIds
+    from service.scoring import pool_candidates
+
+    config = load_model_config(default_model_config_path())
+    table = CandidateIds(Featurizer(config),
+                         [s.name for s in config.slots if s.side is SlotSide.ITEM])
+    items = [(f"m{j}", {"genres": ["Drama", "Comedy", "Horror"][: j % 4], "release_year": j})
+             for j in range(30)]
+    keys = [orjson.dumps(i) for i in items]
+    rows = table.table_rows(keys, items)[::-1].copy()  # any order, repeats allowed
+    rng = np.random.default_rng(1)
+    for slot, column in table.columns.items():
+        ids = column.gather(rows)
+        known = np.unique(ids.ids)[::2]  # half the IDs unknown to the store
+        store = SlotVectors.build(8, known, rng.normal(size=(len(known), 8)).astype(np.float32))
+        want = np.full((len(rows), 8), np.nan, dtype=np.float32)
+        got = want.copy()
+        pool_into(want, 0, store, ids)
+        pool_candidates(got, 0, store, column, rows)
+        np.testing.assert_array_equal(got, want, err_msg=slot)
