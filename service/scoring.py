@@ -103,6 +103,7 @@ class Scorer:
         self.top_k_clusters = top_k_clusters
         self.tower_width = sum(dim for _, dim in user_slots(config))
         self.item_slots = [s.name for s in config.slots if s.side is SlotSide.ITEM]
+        self.item_slot = config.item_slot  # a search over the slots on every access
         self.candidates = CandidateIds(self.featurizer, self.item_slots, item_cache_size)
         ends = np.cumsum([s.dim for s in config.slots]).tolist()
         self.width = ends[-1] if ends else 0
@@ -168,7 +169,7 @@ class Scorer:
 
         For a categorical item slot that is exactly the slot's (already computed) ID.
         """
-        slot = self.config.item_slot
+        slot = self.item_slot
         if slot.kind is SlotKind.CATEGORICAL:
             return self.candidates.columns[slot.name].gather(rows).ids
         return bandit_keys([i for i, _ in items])

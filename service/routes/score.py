@@ -57,17 +57,15 @@ def score_body(st: ServiceState, body: bytes) -> bytes:
                              req.item_keys)
     request_id = req.request_id or os.urandom(16).hex()  # uuid4().hex, without its object
     age = max(0.0, time.time() - snap.updated)
-    out, shown = [], []
     order = result.order
     top_bonus = result.bonus[order]
-    for pos, (i, p, b, s, explored) in enumerate(zip(
-            order.tolist(), result.pctr[order].tolist(), top_bonus.tolist(),
-            result.score[order].tolist(), result.explored.tolist(), strict=True)):
-        item_id, feats = items[i]
-        out.append({"item_id": item_id, "score": s, "pctr": p, "bonus": b,
-                    "explored": explored})
-        shown.append({"item_id": item_id, "position": pos, "score": s, "pctr": p,
-                      "bonus": b, "explored": explored, "features": feats})
+    top = list(zip(order.tolist(), result.pctr[order].tolist(), top_bonus.tolist(),
+                   result.score[order].tolist(), result.explored.tolist(), strict=True))
+    out = [{"item_id": items[i][0], "score": s, "pctr": p, "bonus": b, "explored": e}
+           for i, p, b, s, e in top]
+    shown = [{"item_id": items[i][0], "position": pos, "score": s, "pctr": p, "bonus": b,
+              "explored": e, "features": items[i][1]}
+             for pos, (i, p, b, s, e) in enumerate(top)]
     impression: dict[str, Any] = {
         "request_id": request_id, "ts": time.time(), "user_id": req.user_id,
         "model_version": snap.version, "features": req.features, "items": shown,
