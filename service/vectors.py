@@ -22,7 +22,6 @@ import numpy as np
 from numba import njit
 
 from featurestore.pooling import pool_bag
-
 from featurestore.snapshot_codec import last_per_id
 
 
