@@ -135,9 +135,14 @@ class ClosedLoop:
             self.producer.produce(self.clicks_topic, orjson.dumps(click),
                                   key=f"u{user}".encode(), on_delivery=self.tracker)
         self.producer.poll(0)
+        was_explored = np.array([bool(it.get("explored")) for it in out["items"]], dtype=bool)
         stats = [{"served_p": float(shown_p.mean()), "clicks": int(clicked.sum()),
                   "random_p": float(p.mean()),
-                  "oracle_p": float(np.sort(p)[-len(shown):].mean())}]
+                  "oracle_p": float(np.sort(p)[-len(shown):].mean()),
+                  # what the model chose on its own, apart from what the bonus added
+                  "exploited_p": (float(shown_p[~was_explored].mean())
+                                  if (~was_explored).any() else float("nan")),
+                  "explored_share": float(was_explored.mean()) if len(shown) else 0.0}]
         explored = {int(it["item_id"][1:]) for it in out["items"] if it.get("explored")}
         for item in shown if index >= 0 else ():
             if item in self.introduced and item not in self.discovered:
@@ -192,8 +197,9 @@ class ClosedLoop:
                 result.windows.append({
                     "request": index + 1,
                     "seconds": time.monotonic() - started,
-                    **{k: float(np.mean([w[k] for w in window]))
-                       for k in ("served_p", "random_p", "oracle_p")},
+                    **{k: float(np.nanmean([w[k] for w in window]))
+                       for k in ("served_p", "random_p", "oracle_p", "exploited_p",
+                                 "explored_share")},
                     "ctr": float(np.sum([w["clicks"] for w in window])
                                  / (len(window) * c.top_k)),
                 })
@@ -201,8 +207,9 @@ class ClosedLoop:
                 if progress:
                     w = result.windows[-1]
                     print(f"requests {index + 1:>6}  served p {w['served_p']:.3f}  "
-                          f"random p {w['random_p']:.3f}  oracle p {w['oracle_p']:.3f}",
-                          flush=True)
+                          f"random p {w['random_p']:.3f}  oracle p {w['oracle_p']:.3f}  "
+                          f"exploited p {w['exploited_p']:.3f}  "
+                          f"explored {w['explored_share']:.2f}", flush=True)
         self.producer.flush(30)
         result.new_items = [(at, self.discovered.get(item))
                             for item, at in self.introduced.items()]

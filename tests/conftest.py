@@ -10,6 +10,7 @@ import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
@@ -74,6 +75,11 @@ def names(request: pytest.FixtureRequest) -> Names:
 @pytest.fixture
 def settings(stack: LocalStack, names: Names, tmp_path) -> Settings:
     """Settings pointed at the session stack and this test's own topics, group and model."""
+    return make_settings(stack, names, tmp_path)
+
+
+def make_settings(stack: LocalStack, names: Names, tmp_path: Path) -> Settings:
+    """Settings of their own topics (created here), groups, model and directories."""
     from freshrec.kafka import create_topics
 
     create_topics(stack.kafka_bootstrap, names.topics, partitions=2)
