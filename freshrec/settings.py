@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     # cluster nobody joined for several half-lives is re-seeded (bandit/clusters.py).
     bandit_cluster_half_life_s: Annotated[float, Field(ge=0)] = 7 * 86400.0
     bandit_explore_fraction: Annotated[float, Field(ge=0, le=1)] = 1.0
+    # At most this many items of one response may be shown thanks to the bonus alone (the
+    # rest keep their places by pCTR); unset: no bound (docs/exploration.md, "The cost of
+    # exploration").
+    bandit_max_explored: Annotated[int, Field(ge=0)] | None = None
 
     @field_validator("kafka_bootstrap")
     @classmethod

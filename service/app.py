@@ -84,7 +84,8 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
     metrics = metrics or ServiceMetrics(slo_seconds=settings.service_slo_seconds)
     state = ServiceState(settings, config, metrics,
                          Scorer(config, alpha=settings.bandit_alpha,
-                                top_k_clusters=settings.bandit_top_k))
+                                top_k_clusters=settings.bandit_top_k,
+                                max_explored=settings.bandit_max_explored))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

@@ -92,12 +92,37 @@ def _pool_table_bags(keys: np.ndarray, pos: np.ndarray, matrix: np.ndarray, star
         k += m
 
 
+def rank(pctr: np.ndarray, score: np.ndarray, k: int, exploring: bool,
+         max_explored: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The top ``k`` by ``score`` (best first) and which of them are *explored*: in the top k
+    only thanks to the bonus, i.e. not among the top k by ``pctr``.
+
+    ``max_explored`` bounds the explored items of one response: past it, the lowest-scored
+    explored items give their places back to the best-pCTR items they displaced, and the
+    chosen items are ranked by score again. It bounds what exploration can cost a response
+    (docs/exploration.md); None leaves the ranking to the score alone.
+    """
+    order = (-score).argsort(kind="stable")[:k]
+    if not exploring:
+        return order, np.zeros(len(order), dtype=bool)
+    by_pctr = (-pctr).argsort(kind="stable")[:k]
+    explored = ~np.isin(order, by_pctr)
+    if max_explored is not None and int(explored.sum()) > max_explored:
+        kept = order[explored][:max_explored]  # order is best-first: keep the best explored
+        back = by_pctr[~np.isin(by_pctr, order)][: int(explored.sum()) - max_explored]
+        chosen = np.concatenate([order[~explored], kept, back])
+        order = chosen[(-score[chosen]).argsort(kind="stable")]
+        explored = ~np.isin(order, by_pctr)
+    return order, explored
+
+
 class Scorer:
     """Scores candidates for one user against a :class:`ServingSnapshot`."""
 
     def __init__(self, config: ModelConfig, *, alpha: float, top_k_clusters: int,
-                 item_cache_size: int = 200_000) -> None:
+                 item_cache_size: int = 200_000, max_explored: int | None = None) -> None:
         self.config = config
+        self.max_explored = max_explored
         self.featurizer = Featurizer(config)
         self.alpha = alpha
         self.top_k_clusters = top_k_clusters
@@ -217,10 +242,5 @@ class Scorer:
                         keys, clusters, weights, now=clock if np.isfinite(clock) else None)
                     ctx = (clusters.tolist(), weights.tolist())
         score = pctr + self.alpha * bonus if ctx is not None else pctr
-        order = (-score).argsort(kind="stable")[:k]
-        if ctx is not None:
-            by_pctr = set((-pctr).argsort(kind="stable")[:k].tolist())
-            explored = np.array([i not in by_pctr for i in order.tolist()], dtype=bool)
-        else:
-            explored = np.zeros(len(order), dtype=bool)
+        order, explored = rank(pctr, score, k, ctx is not None, self.max_explored)
         return ScoredItems(pctr, bonus, score, order, explored, ctx)

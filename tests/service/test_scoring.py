@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from featurestore.featurize import SlotIds
 from featurestore.pooling import mean_pool
 from service.schemas import ParsedScore, ScoreRequest, parse_score_body
-from service.scoring import pool_into
+from service.scoring import pool_into, rank
 from service.vectors import SlotVectors
 
 
@@ -141,3 +141,51 @@ def test_pooling_candidates_from_the_table_equals_gathering_then_pooling() -> No
         pool_into(want, 0, store, ids)
         pool_candidates(got, 0, store, column, rows)
         np.testing.assert_array_equal(got, want, err_msg=slot)
+
+
+def test_ranking_marks_items_shown_only_thanks_to_the_bonus() -> None:
+    pctr = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    score = pctr + np.array([0.0, 0.0, 0.0, 1.0, 0.9, 0.0])  # items 3 and 4 lifted by the bonus
+    order, explored = rank(pctr, score, 3, exploring=True)
+    assert order.tolist() == [3, 4, 0] and explored.tolist() == [True, True, False]
+    order, explored = rank(pctr, score, 3, exploring=False)
+    assert order.tolist() == [3, 4, 0] and not explored.any()  # the score ranks; nothing flagged
+
+
+@pytest.mark.parametrize("cap", [0, 1, 2, 3, None])
+def test_a_bound_on_explored_items_gives_places_back_to_the_best_pctr(cap: int | None) -> None:
+    pctr = np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    score = pctr + np.array([0.0, 0.0, 0.0, 1.0, 0.9, 0.0])
+    order, explored = rank(pctr, score, 3, exploring=True, max_explored=cap)
+    expected = {0: [0, 1, 2], 1: [3, 0, 1], 2: [3, 4, 0], 3: [3, 4, 0], None: [3, 4, 0]}[cap]
+    assert order.tolist() == expected
+    assert explored.sum() == min(2, 2 if cap is None else cap)
+
+
+def test_bounded_rankings_hold_their_bound_on_random_scores() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        k = int(rng.integers(1, n + 1))
+        cap = int(rng.integers(0, k + 1))
+        pctr = rng.random(n)
+        score = pctr + rng.random(n) * rng.choice([0.0, 0.5, 2.0])
+        order, explored = rank(pctr, score, k, exploring=True, max_explored=cap)
+        free, _ = rank(pctr, score, k, exploring=True)
+        by_pctr = set((-pctr).argsort(kind="stable")[:k].tolist())
+        assert len(order) == k and len(set(order.tolist())) == k
+        assert explored.sum() <= cap
+        assert explored.tolist() == [i not in by_pctr for i in order.tolist()]
+        assert np.all(np.diff(score[order]) <= 0)  # still ranked by score
+        # The explored items kept are the best-scored of the unbounded ranking's explored ones.
+        free_explored = [i for i in free.tolist() if i not in by_pctr][:cap]
+        assert sorted(i for i in order.tolist() if i not in by_pctr) == sorted(free_explored)
+
+
+def test_the_service_takes_its_bound_on_explored_items_from_the_settings() -> None:
+    from freshrec.settings import Settings
+    from service.app import create_app
+
+    assert create_app(Settings()).state.service.scorer.max_explored is None
+    app = create_app(Settings(bandit_max_explored=1))
+    assert app.state.service.scorer.max_explored == 1
