@@ -110,6 +110,15 @@ def settle(pub: Publisher, url: str, state: PublishableState, cycle: list[float]
     raise AssertionError("Redis never caught up with the tables")
 
 
+def train_and_publish(pub: Publisher, state: PublishableState, rng: np.random.Generator,
+                      cycle: list[float], ts: float, pause_s: float = 0.0) -> None:
+    """One training step at event time ``ts``, then the next publish cycle."""
+    train_a_little(state, rng, ts)
+    cycle[0] += 1.0
+    pub.maybe_publish(cycle[0])
+    time.sleep(pause_s)
+
+
 def test_a_frozen_redis_gets_the_merged_delta_when_it_thaws(redis_proc: RedisProcess) -> None:
     pub, state = make_publisher(redis_proc.url)
     rng = np.random.default_rng(1)
@@ -119,10 +128,7 @@ def test_a_frozen_redis_gets_the_merged_delta_when_it_thaws(redis_proc: RedisPro
         generation = pub.generation
         os.kill(redis_proc.proc.pid, signal.SIGSTOP)
         for k in range(12):
-            train_a_little(state, rng, 100.0 + k)
-            cycle[0] += 1.0
-            pub.maybe_publish(cycle[0])
-            time.sleep(0.1)
+            train_and_publish(pub, state, rng, cycle, 100.0 + k, pause_s=0.1)
         assert sample(pub, "publish_failures_total") > 0
         assert sample(pub, "publish_merged_deltas_total") > 0
         os.kill(redis_proc.proc.pid, signal.SIGCONT)
@@ -141,10 +147,7 @@ def test_past_the_bound_redis_gets_a_full_snapshot_once_back(redis_proc: RedisPr
         generation = pub.generation
         redis_proc.stop()
         for k in range(10):
-            train_a_little(state, rng, 200.0 + k)
-            cycle[0] += 1.0
-            pub.maybe_publish(cycle[0])
-            time.sleep(0.05)
+            train_and_publish(pub, state, rng, cycle, 200.0 + k, pause_s=0.05)
         assert sample(pub, "publish_overflows_total") >= 1
         redis_proc.start()  # empty, on the same port
         settle(pub, redis_proc.url, state, cycle)
@@ -161,9 +164,7 @@ def test_images_written_between_deltas_read_back_as_the_tables(redis_proc: Redis
     try:
         settle(pub, redis_proc.url, state, cycle)
         for k in range(20):
-            train_a_little(state, rng, 300.0 + k)
-            cycle[0] += 1.0
-            pub.maybe_publish(cycle[0])
+            train_and_publish(pub, state, rng, cycle, 300.0 + k)
             if k % 7 == 6:
                 settle(pub, redis_proc.url, state, cycle)
         settle(pub, redis_proc.url, state, cycle)
