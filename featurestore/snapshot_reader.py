@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
@@ -34,6 +35,8 @@ from featurestore.snapshot_types import (
     Update,
     bandit_rows,
 )
+
+log = logging.getLogger("freshrec.snapshot")
 
 # Row reads run as Lua next to the data and answer with one byte string per call (fixed-width
 # records, every length checked there), not one reply per field: a 1 M-row full read is a
@@ -220,7 +223,9 @@ def _full_plan(keys: Keys, meta: SnapshotMeta, stream_id: bytes) -> Plan:
 
 def _image_manifest(raw: bytes | None, meta: SnapshotMeta, version: int
                     ) -> tuple[dict[str, int], int] | None:
-    """(chunks per slot, bandit chunks) of an image, or None when it is gone or not this one."""
+    """(chunks per slot, bandit chunks) of an image, or None when it is gone, not this one or
+    unusable. An image is only a shortcut: a damaged one must not keep replicas from loading
+    the rows, so it is logged and the read walks the hashes instead."""
     if raw is None:
         return None
     try:
@@ -229,13 +234,14 @@ def _image_manifest(raw: bytes | None, meta: SnapshotMeta, version: int
         bandit = int(m["bandit"])
         ok = int(m["version"]) == version
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise SnapshotFormatError(f"bad image manifest: {exc!r}") from None
-    if not ok:
+        log.warning("unusable image manifest (%r): reading every row instead", exc)
         return None
-    if any(k not in meta.slots for k in emb) or any(
-            not 0 <= n <= MAX_IMAGE_CHUNKS for n in (*emb.values(), bandit)):
-        raise SnapshotFormatError(f"image manifest does not fit the meta: {raw[:200]!r}")
-    return emb, bandit
+    if ok and (any(k not in meta.slots for k in emb) or any(
+            not 0 <= n <= MAX_IMAGE_CHUNKS for n in (*emb.values(), bandit))):
+        log.warning("image manifest does not fit the meta (%r): reading every row instead",
+                    raw[:200])
+        return None
+    return (emb, bandit) if ok else None
 
 
 def _changed_since(deltas: list[Update], meta: SnapshotMeta) -> dict[str, np.ndarray]:

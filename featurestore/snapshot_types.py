@@ -66,6 +66,17 @@ class ImageRef:
         return cls(version, stream_id)
 
 
+def _image_ref(raw: str | None) -> ImageRef | None:
+    """The meta's image reference; None when absent or unusable (an image is only a shortcut:
+    a damaged reference makes full reads walk the hashes, it does not make the meta unusable)."""
+    if not raw:
+        return None
+    try:
+        return ImageRef.from_json(raw)
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
 @dataclass(frozen=True)
 class SnapshotMeta:
     """Decoded ``fr:{m}:meta``: which generation and versions are current, and the shapes."""
@@ -100,7 +111,7 @@ class SnapshotMeta:
                 emb_shards=int(g["emb_shards"]), bandit_shards=int(g["bandit_shards"]),
                 slots={str(k): int(v) for k, v in json.loads(g["slots"]).items()},
                 bandit=BanditHeader.from_json(g["bandit"]) if g.get("bandit") else None,
-                image=ImageRef.from_json(g["image"]) if g.get("image") else None,
+                image=_image_ref(g.get("image")),
             )  # fmt: skip
         except KeyError:
             return None

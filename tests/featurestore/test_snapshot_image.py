@@ -12,7 +12,6 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from featurestore.snapshot_codec import SnapshotFormatError
 from featurestore.snapshot_reader import AsyncSnapshotReader
 from featurestore.snapshot_types import BanditRows, FullSnapshot, SnapshotData
 from featurestore.snapshot_writer import INLINE_ID_LIMIT, SnapshotStore
@@ -164,19 +163,22 @@ def test_an_image_that_cannot_be_caught_up_from_falls_back_to_a_scan(
     np.testing.assert_array_equal(full.emb["item"][0], sorted(chain.emb["item"]))
 
 
-def test_a_manifest_that_does_not_fit_the_meta_is_refused(store: SnapshotStore) -> None:
+def test_a_damaged_image_is_passed_over_and_every_row_is_read(store: SnapshotStore) -> None:
+    """An image is a shortcut: a hostile or broken one must not keep replicas from loading."""
     chain = Chain(store, seed=6)
     store.write_image(chain.state())
     key = store.keys.image(chain.generation, 1)
-    store.r.hset(key, "manifest", b'{"version": 1, "emb": {"nope": 1}, "bandit": 0}')
-    with pytest.raises(SnapshotFormatError):
-        store.read_full()
-    store.r.hset(key, "manifest", b'{"version": 1, "emb": {"item": 99999999}, "bandit": 0}')
-    with pytest.raises(SnapshotFormatError):
-        store.read_full()
+    for manifest in (b'{"version": 1, "emb": {"nope": 1}, "bandit": 0}',
+                     b'{"version": 1, "emb": {"item": 99999999}, "bandit": 0}',
+                     b'not json', b'{"version": 1}'):
+        store.r.hset(key, "manifest", manifest)
+        full = store.read_full()
+        assert full is not None and full.source == "scan", manifest
+        np.testing.assert_array_equal(full.emb["item"][0], sorted(chain.emb["item"]))
     store.r.hset(store.keys.meta, "image", b'{"v": 1, "id": "1-0 junk"}')
-    with pytest.raises(SnapshotFormatError):
-        store.read_full()
+    full = store.read_full()
+    assert full is not None and full.meta.image is None and full.source == "scan"
+    np.testing.assert_array_equal(full.emb["item"][0], sorted(chain.emb["item"]))
 
 
 def test_a_new_image_expires_the_one_it_replaces(store: SnapshotStore) -> None:
