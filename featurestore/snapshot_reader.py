@@ -262,7 +262,11 @@ def _patched(ids: np.ndarray, rows: np.ndarray, changed: np.ndarray | None,
     """Image rows with every changed ID replaced by its fetched row (absent: deleted)."""
     if changed is None or not len(changed):
         return ids, rows
-    keep = ~np.isin(ids, changed, assume_unique=True)
+    at = np.searchsorted(ids, changed)  # ids are sorted: m lookups, not a sort of all n
+    inside = at < len(ids)
+    at = at[inside][ids[at[inside]] == changed[inside]]
+    keep = np.ones(len(ids), dtype=bool)
+    keep[at] = False
     ids, rows = ids[keep], rows[keep]
     if fetched is None or not len(fetched[0]):
         return ids, rows
