@@ -101,6 +101,30 @@ def cpu_budget(configured: int | None = None, root: Path = CGROUP_ROOT) -> int:
     return max(1, min(cpus, math.floor(limit)))
 
 
+def allowed_cpus() -> list[int]:
+    """The CPUs of this process' affinity mask, in order (all CPUs off Linux)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def worker_cpu_sets(cpus: list[int], workers: int) -> list[set[int]]:
+    """``cpus`` dealt round-robin to ``workers`` disjoint sets (every worker gets at least one
+    CPU: needs ``workers <= len(cpus)``)."""
+    if not 1 <= workers <= len(cpus):
+        raise ValueError(f"cannot give {workers} workers disjoint sets of {len(cpus)} CPUs")
+    return [set(cpus[i::workers]) for i in range(workers)]
+
+
+def owns_cpus(configured: int | None = None, root: Path = CGROUP_ROOT) -> bool:
+    """Whether this process may keep every CPU of its affinity mask busy: no configured budget
+    and no cgroup quota below the mask (a whole machine, or a container with an exclusive
+    cpuset, e.g. Kubernetes' static CPU manager). A container on a shared node under a CFS
+    quota runs on every CPU of the node, a share of each: it owns none of them."""
+    return cpu_budget(configured, root) >= usable_cpus()
+
+
 def apply_thread_budget(threads: int) -> dict[str, int]:
     """Size every native thread pool of this process to ``threads``; return what they are now.
 

@@ -137,6 +137,14 @@ class Settings(BaseSettings):
     # on the serving machine. The joiner waits seconds for clicks, so 25 ms is invisible.
     service_producer_linger_ms: Annotated[int, Field(ge=0, le=1_000)] = 25
     service_slo_seconds: PositiveFloat = 0.02
+    # Pin each worker (and the threads it starts) to its own CPUs, dealt round-robin from the
+    # process' affinity mask. Unset: pin when there is one worker per CPU of the mask and the
+    # process owns those CPUs (no CPU budget or cgroup quota below the mask: a whole machine,
+    # an exclusive cpuset); never on a node shared under a CFS quota, where every pod's
+    # workers would pile onto the same first CPUs. true: pin whenever workers <= CPUs.
+    # Measured at 1,000 req/s on 2 cores: p99 12 ms pinned against 17 ms floating, and a
+    # narrower spread (docs/serving.md).
+    service_pin_workers: bool | None = None
 
     # --- exploration (Diag-LinUCB) --------------------------------------------------------
     bandit_alpha: Annotated[float, Field(ge=0)] = 0.1

@@ -15,6 +15,11 @@ Several workers each bind their own ``SO_REUSEPORT`` socket rather than sharing 
 socket as ``uvicorn --workers`` does: with a shared socket the worker that happens to be awake
 accepts a whole burst of keep-alive connections, and under load one worker ran at 92 % CPU while
 the other idled. With one socket per worker the kernel spreads connections by hash.
+
+Pinning (``service_pin_workers``): where the process owns its CPUs, each worker runs on its own
+(:func:`worker_cpus`). A floating worker is moved between cores by the scheduler as the other
+worker, the load balancer's connections, the Kafka client's threads and the broker wake up;
+each move refills its caches, which shows in the tail more than in the mean.
 """
 
 from __future__ import annotations
@@ -37,7 +42,13 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from freshrec.runtime import apply_thread_budget, cpu_budget
+from freshrec.runtime import (
+    allowed_cpus,
+    apply_thread_budget,
+    cpu_budget,
+    owns_cpus,
+    worker_cpu_sets,
+)
 from freshrec.settings import Settings, load_settings
 
 log = logging.getLogger("freshrec.service")
@@ -99,8 +110,9 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker(host: str, port: int, opts: dict[str, Any]) -> None:
-    """One worker process: its own socket, its own app (settings from the environment).
+def _worker(host: str, port: int, opts: dict[str, Any], cpus: set[int] | None = None) -> None:
+    """One worker process: its own socket, its own app (settings from the environment), on
+    ``cpus`` if given (before any thread starts, so its threads run there too).
 
     It goes when the parent goes: a parent killed hard (an orchestrator's SIGKILL after the
     grace period) left workers serving on the port for minutes.
@@ -108,20 +120,37 @@ def _worker(host: str, port: int, opts: dict[str, Any]) -> None:
     from freshrec.devstack import die_with_parent
 
     die_with_parent()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     sock = reuseport_socket(host, port)
     config = uvicorn.Config("service.main:app_from_env", factory=True, **opts)
     uvicorn.Server(config).run(sockets=[sock])
 
 
-def run_workers(n: int, host: str, port: int, opts: dict[str, Any]) -> int:
-    """Run ``n`` SO_REUSEPORT workers until SIGINT/SIGTERM or until one of them dies.
+def worker_cpus(settings: Settings, workers: int) -> list[set[int]] | None:
+    """Each worker's CPUs, or None to leave placement to the scheduler (``service_pin_workers``)."""
+    pin = settings.service_pin_workers
+    cpus = allowed_cpus()
+    if workers < 2 or workers > len(cpus) or pin is False:
+        return None
+    # Unset: only one worker per CPU of a mask the process owns. A container without a CPU
+    # limit sees the node's whole shared pool as its mask: that is not one CPU per worker.
+    if pin is None and (workers != len(cpus) or not owns_cpus(settings.cpu_threads)):
+        return None
+    return worker_cpu_sets(cpus, workers)
+
+
+def run_workers(n: int, host: str, port: int, opts: dict[str, Any],
+                cpus: list[set[int]] | None = None) -> int:
+    """Run ``n`` SO_REUSEPORT workers until SIGINT/SIGTERM or until one of them dies; worker i
+    on ``cpus[i]`` when given.
 
     A dead worker stops the whole group (exit code 1) rather than being restarted, so the
     orchestrator sees the failure; SIGTERM is forwarded and each worker shuts down gracefully.
     """
     ctx = multiprocessing.get_context("spawn")  # torch and librdkafka threads do not fork well
-    procs = [ctx.Process(target=_worker, args=(host, port, opts), name=f"service-{i}")
-             for i in range(n)]
+    procs = [ctx.Process(target=_worker, args=(host, port, opts, cpus[i] if cpus else None),
+                         name=f"service-{i}") for i in range(n)]
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -218,6 +247,13 @@ def run(settings: Settings) -> int:
             uvicorn.run(_serving_app(settings), **common)
             return 0
         if hasattr(socket, "SO_REUSEPORT"):
-            return run_workers(workers, settings.service_host, settings.service_port, common)
+            cpus = worker_cpus(settings, workers)
+            if cpus:
+                log.info("worker i on CPUs %s[i]", [sorted(c) for c in cpus])
+            else:
+                log.info("workers not pinned (service_pin_workers=%s, CPUs %s)",
+                         settings.service_pin_workers, allowed_cpus())
+            return run_workers(workers, settings.service_host, settings.service_port, common,
+                               cpus)
         uvicorn.run("service.main:app_from_env", factory=True, workers=workers, **common)
         return 0

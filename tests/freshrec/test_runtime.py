@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from freshrec.runtime import THREAD_ENV_VARS, cgroup_cpu_limit, cpu_budget, usable_cpus
+from freshrec.runtime import (
+    THREAD_ENV_VARS,
+    cgroup_cpu_limit,
+    cpu_budget,
+    owns_cpus,
+    usable_cpus,
+    worker_cpu_sets,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +48,25 @@ def test_cgroup_v1_cfs_quota_is_read_in_cpus(tmp_path: Path, controller: str) ->
 def test_cgroup_v1_minus_one_is_no_limit(tmp_path: Path) -> None:
     root = _cgroup(tmp_path, {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})
     assert cgroup_cpu_limit(root) is None
+
+
+def test_workers_get_disjoint_cpu_sets_covering_the_mask() -> None:
+    assert worker_cpu_sets([0, 1], 2) == [{0}, {1}]
+    assert worker_cpu_sets([2, 3, 5, 7, 8], 2) == [{2, 5, 8}, {3, 7}]
+    assert worker_cpu_sets([4], 1) == [{4}]
+    with pytest.raises(ValueError, match="3 workers"):
+        worker_cpu_sets([0, 1], 3)
+
+
+def test_a_process_owns_its_cpus_only_without_a_budget_below_them(tmp_path: Path) -> None:
+    cpus = usable_cpus()
+    unlimited = _cgroup(tmp_path / "none", {"cpu.max": "max 100000"})
+    assert owns_cpus(None, unlimited)
+    # a quota below the mask: a share of a node's CPUs, not CPUs of its own
+    assert not owns_cpus(None, _cgroup(tmp_path / "quota", {"cpu.max": f"{cpus * 50000} 100000"}))
+    assert owns_cpus(cpus, unlimited)  # a configured budget as large as the mask
+    if cpus > 1:
+        assert not owns_cpus(cpus - 1, unlimited)
 
 
 def test_budget_is_the_setting_else_the_quota_rounded_down_else_the_cpus(tmp_path: Path) -> None:

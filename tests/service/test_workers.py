@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from freshrec.devstack import free_port, wait_http_ok
-from freshrec.runtime import THREAD_ENV_VARS
+from freshrec.runtime import THREAD_ENV_VARS, allowed_cpus, worker_cpu_sets
 from freshrec.settings import Settings
 from tests.conftest import settings_env
 
@@ -69,6 +69,15 @@ def test_one_scrape_covers_every_worker_and_each_sizes_its_pools(service: str) -
         # The service runs torch's intra-op pool (OpenMP) with one thread on purpose (small
         # concurrent requests, service/snapshot.py); its forward pass is numpy (BLAS above).
         assert worker["torch"] == worker["openmp"] == 1, worker
+    # One worker per CPU, with a budget (4) that covers them: each worker runs on its own
+    # (service_pin_workers unset); with more or fewer CPUs than workers they float.
+    cpus = allowed_cpus()
+    placed = sorted(sorted(os.sched_getaffinity(int(pid))) for pid in pools)
+    if len(cpus) == WORKERS:
+        assert placed == sorted(sorted(c) for c in worker_cpu_sets(cpus, WORKERS))
+    else:
+        assert placed == [cpus] * WORKERS
+
 
 
 def test_each_start_gets_a_clean_metrics_directory(tmp_path, monkeypatch) -> None:
