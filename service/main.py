@@ -16,8 +16,8 @@ socket as ``uvicorn --workers`` does: with a shared socket the worker that happe
 accepts a whole burst of keep-alive connections, and under load one worker ran at 92 % CPU while
 the other idled. With one socket per worker the kernel spreads connections by hash.
 
-Pinning (``service_pin_workers``): where the process owns its CPUs, each worker runs on its own
-(:func:`worker_cpus`). A floating worker is moved between cores by the scheduler as the other
+Pinning (``service_pin_workers``): where the process runs one worker per CPU it owns, each worker
+runs on its own (:func:`worker_cpus`). A floating worker is moved between cores by the scheduler as the other
 worker, the load balancer's connections, the Kafka client's threads and the broker wake up;
 each move refills its caches, which shows in the tail more than in the mean.
 """
