@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -37,6 +38,8 @@ from service.scoring import Scorer
 from service.snapshot import SnapshotFollower, torch_threads
 from service.state import ServiceState
 from service.supervise import FollowerSupervisor
+
+log = logging.getLogger("freshrec.service")
 
 _REF = "#/components/schemas/{model}"
 
@@ -71,14 +74,32 @@ def _without_native_telemetry() -> dict[str, Any]:
     return {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
 
 
+async def _when_loaded(state: ServiceState, hook: Callable[[ServiceState], None]) -> None:
+    """Run ``hook`` once the first snapshot is loaded, then let the replica report ready.
+
+    A failing hook is logged and readiness goes on: it only prepares, and requests will show
+    any real fault themselves.
+    """
+    while state.snapshot is None:
+        await asyncio.sleep(0.02)
+    try:
+        hook(state)
+    except Exception:
+        log.exception("start-up hook on the first snapshot failed")
+    state.warm = True
+
+
 def create_app(settings: Settings, *, config: ModelConfig | None = None,
                metrics: ServiceMetrics | None = None, producer: Producer | None = None,
-               redis_client: aredis.Redis | None = None) -> FastAPI:
+               redis_client: aredis.Redis | None = None,
+               when_loaded: Callable[[ServiceState], None] | None = None) -> FastAPI:
     """One service replica. Everything external can be injected (tests, benchmarks).
 
     Nothing connects at construction time: the lifespan starts the supervised snapshot follower
     (which waits for a snapshot, so ``/readyz`` is 503 until one is loaded) and the impression
-    producer thread, and stops both on shutdown.
+    producer thread, and stops both on shutdown. ``when_loaded`` runs once on the event loop
+    when the first snapshot is in, before ``/readyz`` turns 200 (a serving process warms its
+    scoring path and freezes its heap there: ``service.main``).
     """
     config = config or load_model_config(settings.model_config_path)
     metrics = metrics or ServiceMetrics(slo_seconds=settings.service_slo_seconds)
@@ -113,10 +134,16 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
         state.supervisor = FollowerSupervisor(state.follower, metrics)
         state.supervisor.start()
         flusher = asyncio.create_task(metrics.flush_every(), name="metrics-flush")
+        warming = None
+        if when_loaded is not None:
+            state.warm = False
+            warming = asyncio.create_task(_when_loaded(state, when_loaded), name="warm-up")
         try:
             yield
         finally:
             flusher.cancel()
+            if warming is not None:
+                warming.cancel()
             metrics.scored.flush()
             await state.supervisor.stop()
             await asyncio.to_thread(state.sink.close)

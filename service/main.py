@@ -16,10 +16,10 @@ socket as ``uvicorn --workers`` does: with a shared socket the worker that happe
 accepts a whole burst of keep-alive connections, and under load one worker ran at 92 % CPU while
 the other idled. With one socket per worker the kernel spreads connections by hash.
 
-Pinning (``service_pin_workers``): where the process runs one worker per CPU it owns, each worker
-runs on its own (:func:`worker_cpus`). A floating worker is moved between cores by the scheduler as the other
-worker, the load balancer's connections, the Kafka client's threads and the broker wake up;
-each move refills its caches, which shows in the tail more than in the mean.
+Pinning (``service_pin_workers``): where the process runs one worker per CPU it owns, each
+worker runs on its own (:func:`worker_cpus`). A floating worker is moved between cores by the
+scheduler as the other worker, the load balancer's connections, the Kafka client's threads and
+the broker wake up; each move refills its caches, which shows in the tail more than in the mean.
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import orjson
 import uvicorn
 from fastapi import FastAPI
 
@@ -50,6 +51,9 @@ from freshrec.runtime import (
     worker_cpu_sets,
 )
 from freshrec.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from service.state import ServiceState
 
 log = logging.getLogger("freshrec.service")
 
@@ -73,20 +77,46 @@ def _serving_app(settings: Settings) -> FastAPI:
     apply_thread_budget(worker_threads(settings))  # now torch is loaded: its inter-op pool too
     torch_threads()  # as the app's lifespan sets it, so the report shows what will serve
     report_thread_pools(metrics.threads, thread_pools())
-    return _frozen(create_app(settings, metrics=metrics))
+    app = create_app(settings, metrics=metrics, when_loaded=_warm_up_and_freeze)
+    _freeze_heap()
+    return app
 
 
-def _frozen(app: FastAPI) -> FastAPI:
+def _freeze_heap() -> None:
     """Move everything allocated so far out of the garbage collector's reach.
 
     Imports and the app (torch, pydantic, FastAPI: ~200 k tracked objects) live as long as the
     process; left in the collected generations, every full collection walks them — ~90 ms
     during which the worker answers nothing (the 100+ ms max latencies of the benchmark).
-    Done here, per serving process, not in ``create_app``: tests build many apps in one process.
+    Done per serving process, not in ``create_app``: tests build many apps in one process.
+    Frozen objects are still freed by reference counting when dropped (a replaced snapshot
+    holds no reference cycle: ``tests/service/test_snapshot_warmup.py``).
     """
     gc.collect()
     gc.freeze()
-    return app
+
+
+WARM_UP_ID = "\x00freshrec-warm-up"  # scoring only reads: even a client's ID alike is harmless
+
+
+def _warm_up_and_freeze(state: ServiceState) -> None:
+    """On the first snapshot: score one request, then freeze the heap again.
+
+    What the lifespan (Redis and Kafka clients, the follower, the first snapshot) and a first
+    request (numba kernels loaded from their cache, modules imported on first use) allocate
+    comes after the start-up freeze: ~67 k long-lived objects, which the first full collection
+    walked for 40-130 ms per worker, under load, in the middle of serving. Scoring one request
+    here moves that work and those objects before readiness, and the freeze takes them out of
+    every later collection. The request is scored, not served: nothing is logged to Kafka.
+    """
+    from service.schemas import parse_score_body
+
+    snap = state.snapshot
+    if snap is not None:
+        parse_score_body(orjson.dumps({"user_id": WARM_UP_ID,
+                                       "candidates": [{"item_id": WARM_UP_ID}]}))
+        state.scorer.score(snap, WARM_UP_ID, {}, [(WARM_UP_ID, {})], 1, True)
+    _freeze_heap()
 
 
 def _fast_loop() -> dict[str, str]:

@@ -31,6 +31,9 @@ class ServiceState:
     follower: SnapshotFollower | None = None
     supervisor: FollowerSupervisor | None = None
     sink: KafkaSink | None = None
+    # False from start-up until the ``when_loaded`` hook of ``create_app`` (if any) has run on
+    # the first snapshot: /readyz waits for it, so no request lands in the middle of it.
+    warm: bool = True
 
     @property
     def snapshot(self) -> ServingSnapshot | None:

@@ -24,7 +24,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"model": Problem}})
 async def readyz(st: Annotated[ServiceState, Depends(service_state)]) -> Response:
-    """Readiness: a snapshot is loaded and the follower that keeps it current is running.
+    """Readiness: a snapshot is loaded, the follower that keeps it current is running and the
+    start-up work on the first snapshot (``create_app``'s ``when_loaded``) is done.
 
     Stays ready through Redis outages (the follower retries and the last snapshot is served);
     503 while no follower runs, since the replica would serve an ever older model.
@@ -35,6 +36,8 @@ async def readyz(st: Annotated[ServiceState, Depends(service_state)]) -> Respons
     if not st.following:
         return json_response({"status": "snapshot follower not running",
                               "version": snap.version}, status_code=503)
+    if not st.warm:
+        return json_response({"status": "warming up", "version": snap.version}, status_code=503)
     return json_response({"status": "ready", "version": snap.version})
 
 

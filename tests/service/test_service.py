@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -116,10 +117,12 @@ def build_world(settings: Settings, seed: int = 0) -> World:
 
 
 @contextmanager
-def serve(settings: Settings, wait_ready: bool = True) -> Iterator[httpx.Client]:
-    """A service replica on a free port in a thread; yields a client pointed at it."""
+def serve(settings: Settings, wait_ready: bool = True, **app_options: Any
+          ) -> Iterator[httpx.Client]:
+    """A service replica on a free port in a thread; yields a client pointed at it.
+    ``app_options`` go to ``create_app``."""
     port = free_port()
-    app = create_app(settings)
+    app = create_app(settings, **app_options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
