@@ -25,22 +25,24 @@ def test_ready_only_after_the_hook_ran_on_the_first_snapshot(settings: Settings)
         seen.append((state.snapshot.version, gc.get_freeze_count()))
         _warm_up_and_freeze(state)
 
-    with serve(settings, wait_ready=False, when_loaded=hook) as client:
-        r = client.get("/readyz")
-        assert r.status_code == 503 and r.json()["status"] == "waiting for a snapshot"
-        assert seen == []
-        world = build_world(settings)
-        poll(lambda: client.get("/readyz").status_code == 200, "ready after the hook")
-        assert len(seen) == 1
-        version, frozen_before = seen[0]
-        assert version == client.get("/readyz").json()["version"]
-        # the lifespan's and the first scoring's objects left the collected generations
-        assert gc.get_freeze_count() > frozen_before
-        # the warm-up scored, it did not serve: requests are answered as always
-        pctr, _ = world.reference(0, [1])
-        assert served(client.post("/v1/score", json=body(0, [1])))["m1"]["pctr"] == (
-            pytest.approx(pctr[0], rel=1e-5))
-    gc.unfreeze()  # this test process builds many apps: keep them collectable
+    try:
+        with serve(settings, wait_ready=False, when_loaded=hook) as client:
+            r = client.get("/readyz")
+            assert r.status_code == 503 and r.json()["status"] == "waiting for a snapshot"
+            assert seen == []
+            world = build_world(settings)
+            poll(lambda: client.get("/readyz").status_code == 200, "ready after the hook")
+            assert len(seen) == 1
+            version, frozen_before = seen[0]
+            assert version == client.get("/readyz").json()["version"]
+            # the lifespan's and the first scoring's objects left the collected generations
+            assert gc.get_freeze_count() > frozen_before
+            # and requests are answered as before it
+            pctr, _ = world.reference(0, [1])
+            assert served(client.post("/v1/score", json=body(0, [1])))["m1"]["pctr"] == (
+                pytest.approx(pctr[0], rel=1e-5))
+    finally:
+        gc.unfreeze()  # this test process builds many apps: keep them collectable
 
 
 def test_a_replaced_snapshot_is_freed_by_reference_counting_alone(settings: Settings) -> None:
