@@ -11,6 +11,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from confluent_kafka import (
@@ -154,6 +155,20 @@ class DeliveryTracker:
             self.failed += 1
             if len(self.errors) < 10:
                 self.errors.append(str(err))
+
+
+def records(messages: list[Message], logger: logging.Logger) -> Iterator[Message]:
+    """The consumed messages that carry a record, in order.
+
+    The others report a consumer error: logged to ``logger`` and skipped (reaching the end of a
+    partition is not an error and is skipped silently).
+    """
+    for msg in messages:
+        err = msg.error()
+        if err is None:
+            yield msg
+        elif err.code() != KafkaError._PARTITION_EOF:
+            logger.warning("consumer error: %s", err)
 
 
 def produce_all(producer: Producer, topic: str, messages: list[tuple[bytes, bytes]],

@@ -5,26 +5,11 @@ Kafka clients are created but never reach a broker."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-import pytest
 from confluent_kafka import Message
 
 from featurestore.events import Click, Impression, ShownItem
-from freshrec.settings import Settings
 from joiner.process import JoinerProcess
-
-
-@pytest.fixture
-def proc(tmp_path: Path):
-    s = Settings(kafka_bootstrap="127.0.0.1:9", joiner_checkpoint_dir=tmp_path / "ckpt",
-                 joiner_window_s=5.0, joiner_lateness_s=0.5, joiner_metrics_port=0)
-    p = JoinerProcess(s)
-    p.dead = []
-    p._dead_letter = lambda raw, key, source, reason: p.dead.append(reason)
-    p._emit = lambda events: p.__dict__.setdefault("emitted_events", []).extend(events)
-    yield p
-    p._consumer.close()
 
 
 def impression(i: int, ts: float, partition: int = 0) -> Message:
