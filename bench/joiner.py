@@ -83,9 +83,16 @@ def raw_consume_rate(bootstrap: str, topics: list[str], expected: int) -> float:
     return n / elapsed if elapsed > 0 else float("nan")
 
 
+# Requests per second of event time in the through-Kafka stream: it spans five 20 s windows,
+# so the timed part closes most windows and builds and produces their negatives, the joiner's
+# steady-state work. At 1,000/s a 20,000-request stream spanned one window and closed none:
+# the figure then left out every negative.
+THROUGH_KAFKA_PER_S = 200.0
+
+
 def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict:
     """Produce the stream, run a JoinerProcess until every label is out, time it."""
-    stream, _ = make_stream(n_requests, seed=1)
+    stream, _ = make_stream(n_requests, seed=1, per_s=THROUGH_KAFKA_PER_S)
     imps = [v for k, v in stream if k == "imp"]
     clicks = [v for k, v in stream if k == "click"]
     settings = Settings(
@@ -120,7 +127,7 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
     thread = threading.Thread(target=process.run, args=(stop,), daemon=True)
     thread.start()
     shown = n_requests * ITEMS_PER_REQUEST
-    first_input, done_at = None, None
+    first_input, done_at, labels_timed = None, None, 0.0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         consumed = metrics.registry.get_sample_value("freshrec_joiner_impressions_total") or 0
@@ -132,6 +139,8 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
         # end of a finite stream close later, on the idle advance, and are not timed.
         if consumed >= n_requests and clicks_read >= len(clicks):
             done_at = time.perf_counter()
+            labels_timed = sum(metrics.registry.get_sample_value(
+                "freshrec_joiner_examples_total", {"label": lab}) or 0 for lab in ("0", "1"))
             break
         time.sleep(0.01)
     stop.set()
@@ -143,6 +152,8 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
         "requests": n_requests,
         "shown_items": shown,
         "clicks": len(clicks),
+        "event_seconds": n_requests / THROUGH_KAFKA_PER_S,
+        "labels_in_timed_part": labels_timed,
         "impressions_per_s": shown / elapsed if done_at else float("nan"),
         "raw_consume_msgs_per_s": raw_rate,
         "raw_consume_shown_items_per_s": raw_rate * len(imps) * ITEMS_PER_REQUEST

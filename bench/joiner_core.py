@@ -44,8 +44,10 @@ ADVANCE_EVERY = 1000
 GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "War"]
 
 
-def make_stream(n_requests: int, seed: int) -> tuple[list[tuple[str, bytes]], dict[str, float]]:
-    """Raw JSON messages (kind, value) in event-time order, and request id -> impression ts.
+def make_stream(n_requests: int, seed: int, per_s: float = REQUESTS_PER_EVENT_S
+                ) -> tuple[list[tuple[str, bytes]], dict[str, float]]:
+    """Raw JSON messages (kind, value) in event-time order, and request id -> impression ts;
+    ``per_s`` requests per second of event time.
 
     Built with orjson directly (the schema is checked once, by parsing, in the timed part).
     """
@@ -56,7 +58,7 @@ def make_stream(n_requests: int, seed: int) -> tuple[list[tuple[str, bytes]], di
     users = rng.integers(n_users, size=n_requests)
     clicked = rng.random((n_requests, ITEMS_PER_REQUEST)) < CLICK_RATE
     for r in range(n_requests):
-        ts = 1_700_000_000.0 + r / REQUESTS_PER_EVENT_S
+        ts = 1_700_000_000.0 + r / per_s
         rid = f"req-{r:09d}"
         user = f"u{int(users[r])}"
         items = rng.choice(n_items, ITEMS_PER_REQUEST, replace=False).tolist()
