@@ -33,7 +33,7 @@ from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
 from freshrec.settings import DEFAULT_MICRO_BATCH
 from trainer import wide
-from trainer.model import CTRModel, make_dense_optimizer
+from trainer.model import CTRModel, dense_step, make_dense_optimizer
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,6 @@ class OnlineLearner:
                 deep + rest, torch.from_numpy(y[lo:hi].astype(np.float32)))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
+            dense_step(self.optimizer)
         ws.write_back()
         return StepResult(probs, np.asarray(labels), rows, batch)

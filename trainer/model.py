@@ -93,6 +93,40 @@ def make_dense_optimizer(model: CTRModel, config: ModelConfig) -> torch.optim.Op
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
+def dense_step(optimizer: torch.optim.Optimizer) -> None:
+    """One step of the dense optimizer; for fused Adam, the fused kernel called directly.
+
+    ``torch.optim.Adam.step`` spends ~180 us of Python per call (profiler hooks, grouping the
+    tensors by device and dtype, argument checks) around a ~50 us kernel: at a step per 512
+    examples that is ~0.35 us per example. This calls the same kernel (``torch._fused_adam_``)
+    on the optimizer's own state, with the step counters advanced first as ``Adam.step`` does,
+    so the weights and the state (checkpoints) are bit for bit those of ``optimizer.step()``.
+    Anything else — another optimizer, options this path does not cover, a parameter without a
+    gradient or without state yet (the first step) — goes through ``optimizer.step()``.
+    """
+    groups = optimizer.param_groups
+    group = groups[0]
+    if not (isinstance(optimizer, torch.optim.Adam) and len(groups) == 1 and group["fused"]
+            and not (group["amsgrad"] or group["maximize"] or group["capturable"]
+                     or group["differentiable"] or group["decoupled_weight_decay"])):
+        optimizer.step()
+        return
+    params = group["params"]
+    states = [optimizer.state.get(p) for p in params]
+    grads = [p.grad for p in params]
+    if not all(states) or any(g is None for g in grads):
+        optimizer.step()
+        return
+    steps = [s["step"] for s in states]
+    beta1, beta2 = group["betas"]
+    torch._foreach_add_(steps, 1)
+    torch._fused_adam_(params, grads, [s["exp_avg"] for s in states],
+                       [s["exp_avg_sq"] for s in states], [], steps, amsgrad=False,
+                       lr=group["lr"], beta1=beta1, beta2=beta2,
+                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+                       grad_scale=None, found_inf=None)
+
+
 def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:
     """Dense weights as named float32 numpy arrays (copies)."""
     return {k: v.detach().cpu().numpy().astype(np.float32, copy=True)
