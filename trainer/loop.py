@@ -28,7 +28,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from operator import attrgetter
+from itertools import repeat
+from operator import add, attrgetter, is_not
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,7 +46,12 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from featurestore.events import AnyLabeledEvent, EventRejected, parse_labeled_event
+from featurestore.events import (
+    AnyLabeledEvent,
+    EventRejected,
+    decode_labeled_events,
+    parse_labeled_event,
+)
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
 from freshrec.eventclock import EventClock, future_skew_reason
@@ -74,6 +80,8 @@ from trainer.progressive import ProgressiveWindow
 log = logging.getLogger("freshrec.trainer")
 # Field readers of parsed events (C-level, for whole-batch passes).
 _EVENT_ID, _LABEL, _TS, _SAMPLE_RATE = map(attrgetter, ("event_id", "label", "ts", "sample_rate"))
+_MSG_ERROR, _MSG_VALUE, _MSG_TOPIC, _MSG_PARTITION, _MSG_OFFSET = (
+    Message.error, Message.value, Message.topic, Message.partition, Message.offset)
 
 MAX_DLQ_VALUE_BYTES = 256 * 1024
 # Below this many rows a table is small enough that expiring it all in one sweep is no threat.
@@ -264,13 +272,53 @@ class Trainer:
 
     def process(self, messages: list[Message]) -> int:
         """Parse, dead-letter, learn; returns the number of events trained."""
+        # One wall-clock reading per batch: a consumed batch spans milliseconds against a
+        # skew of minutes. The reason is worded by future_skew_reason for the events past it.
+        wall = time.time()
+        parsed = self._parse_clean(messages, wall)
+        if parsed is None:
+            events, sources = self._parse_each(messages, wall)
+        else:
+            events, sources = parsed, messages
+        try:
+            trained = self._learn_or_isolate(events, sources) if events else 0
+        except StateDamaged as exc:
+            self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
+            return 0
+        self._dlq.poll(0)
+        return trained
+
+    def _parse_clean(self, messages: list[Message], wall: float
+                     ) -> list[AnyLabeledEvent] | None:
+        """A batch with nothing to dead-letter, parsed in C-level passes; else ``None``.
+
+        The common batch (no consumer errors, every message valid, none dated past the skew,
+        no culprit of an earlier failure pending) needs none of :meth:`_parse_each`'s per-
+        message Python: the values decode in one pass and the next offset of every partition
+        is the last message's + 1. Anything else returns ``None`` having changed nothing, and
+        :meth:`_parse_each` takes the batch message by message (reasons, dead letters).
+        """
+        if self._culprits or any(map(is_not, map(_MSG_ERROR, messages), repeat(None))):
+            return None
+        try:
+            events = decode_labeled_events(map(_MSG_VALUE, messages))
+        except Exception:  # a bad message somewhere: the slow path names it
+            return None
+        if events and max(map(_TS, events)) > wall + self.settings.event_max_future_skew_s:
+            return None
+        # Messages of one partition arrive in offset order: the last one's offset wins.
+        partitions = zip(map(_MSG_TOPIC, messages), map(_MSG_PARTITION, messages), strict=True)
+        self.offsets.update(zip(partitions, map(add, map(_MSG_OFFSET, messages), repeat(1)),
+                                strict=True))
+        return events
+
+    def _parse_each(self, messages: list[Message], wall: float
+                    ) -> tuple[list[AnyLabeledEvent], list[Message]]:
+        """Parse message by message, dead-lettering the bad; the good events and sources."""
         events: list[AnyLabeledEvent] = []
         sources: list[Message] = []
         offsets = self.offsets
         skew = self.settings.event_max_future_skew_s
-        # One wall-clock reading per batch: a consumed batch spans milliseconds against a
-        # skew of minutes. The reason is worded by future_skew_reason for the events past it.
-        wall = time.time()
         latest = wall + skew
         culprits = self._culprits
         parse, append, source = parse_labeled_event, events.append, sources.append
@@ -294,13 +342,7 @@ class Trainer:
                     continue
             append(event)
             source(msg)
-        try:
-            trained = self._learn_or_isolate(events, sources) if events else 0
-        except StateDamaged as exc:
-            self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
-            return 0
-        self._dlq.poll(0)
-        return trained
+        return events, sources
 
     def _learn_or_isolate(self, events: list[AnyLabeledEvent], sources: list[Message]) -> int:
         """Learn the batch; if it fails cleanly, learn event by event and dead-letter culprits.
