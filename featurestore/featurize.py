@@ -115,6 +115,22 @@ class _SlotEncoder:
                 self._single_memo[key] = ids[0]
         return ids
 
+    def memoized(self, values: Iterable[Any], n: int) -> SlotIds | None:
+        """The IDs of ``n`` values if every one is present and memoized to one ID, else None.
+
+        One C-level pass with no list of values in between: the common case of a
+        single-valued slot on a stream whose values repeat. A miss, an absent value (the
+        getter raises ``KeyError``) or an unhashable one (``TypeError``) returns ``None``, and
+        the caller falls back to :meth:`encode` on the column.
+        """
+        if not self._single:
+            return None
+        try:
+            ids = np.fromiter(map(self._single_memo.get, values), dtype=np.int64, count=n)
+        except (TypeError, KeyError):
+            return None
+        return SlotIds(ids, np.arange(n + 1, dtype=np.int64))
+
     def encode(self, values: Sequence[Any]) -> SlotIds:
         """The jagged IDs of a column of raw values (``None``: no value, an empty bag)."""
         n = len(values)
@@ -203,35 +219,34 @@ class Featurizer:
     def featurize_events(self, events: Sequence[Any], side: SlotSide | None = None
                          ) -> SparseBatch:
         """IDs straight from parsed events (anything with ``user_id``, ``item_id`` and a
-        ``features`` dict), without building a record per event."""
-        slots = self._slots(side)
-        columns = self._feature_columns(events, [s.source for s in slots
-                                                 if s.source not in ("user_id", "item_id")])
+        ``features`` dict), without building a record per event.
+
+        A single-valued slot whose every value is present and memoized is read in one chained
+        C-level pass (event -> value -> ID), with no column in between; any other slot gets
+        its column of values (``None`` where absent) and goes through :meth:`_SlotEncoder.encode`.
+        """
+        features = list(map(_FEATURES, events))
         out = {}
-        for s in slots:
+        for s in self._slots(side):
             src = s.source
-            column = (list(map(attrgetter(src), events)) if src in ("user_id", "item_id")
-                      else columns[src])
-            out[s.name] = self._encoders[s.name].encode(column)
+            encoder = self._encoders[s.name]
+            from_event = src in ("user_id", "item_id")
+            getter = attrgetter(src) if from_event else itemgetter(src)
+            ids = encoder.memoized(map(getter, events if from_event else features),
+                                   len(events))
+            if ids is None:
+                ids = encoder.encode(list(map(getter, events)) if from_event
+                                     else _column(features, src))
+            out[s.name] = ids
         return SparseBatch(len(events), out)
 
-    @staticmethod
-    def _feature_columns(events: Sequence[Any], names: list[str]) -> dict[str, Sequence[Any]]:
-        """The values of feature ``names`` of every event, column by column (``None``: absent).
 
-        One C-level ``itemgetter`` call per event fetches all of them (then one transpose);
-        a batch where some event lacks one of them takes one ``get`` per event and name.
-        """
-        if not names:
-            return {}
-        features = list(map(_FEATURES, events))
-        if len(names) > 1 and features:
-            try:
-                rows = map(itemgetter(*names), features)
-                return dict(zip(names, zip(*rows, strict=True), strict=True))
-            except KeyError:
-                pass
-        return {name: list(map(methodcaller("get", name), features)) for name in names}
+def _column(features: Sequence[Mapping[str, Any]], name: str) -> list[Any]:
+    """Feature ``name`` of every event (``None`` where absent)."""
+    try:
+        return list(map(itemgetter(name), features))
+    except KeyError:
+        return list(map(methodcaller("get", name), features))
 
 
 def bandit_keys(item_ids: Sequence[Any]) -> np.ndarray:

@@ -72,7 +72,9 @@ def test_memoized_encoding_and_the_event_path_match_the_plain_encoding() -> None
 
 
 def test_event_path_with_every_feature_present_matches_the_plain_encoding() -> None:
-    """Batches where every event has every feature take the one-getter-per-event path."""
+    """Batches where every event has every feature: cold (columns) and warm (every value
+    memoized: one chained pass per slot) give the plain encoding, and so does a warm batch
+    where one event lacks a feature."""
     from types import SimpleNamespace
 
     names = [s.source for s in CONFIG.slots if s.source not in ("user_id", "item_id")]
@@ -84,9 +86,19 @@ def test_event_path_with_every_feature_present_matches_the_plain_encoding() -> N
               for i in range(20)]
     want = Featurizer(CONFIG, max_entries=1).featurize(
         [event_record(e.user_id, e.item_id, e.features) for e in events])
-    got = Featurizer(CONFIG).featurize_events(events)
+    featurizer = Featurizer(CONFIG)
+    for got in (featurizer.featurize_events(events), featurizer.featurize_events(events)):
+        for name, slot in want.slots.items():
+            np.testing.assert_array_equal(got.slots[name].ids, slot.ids)
+            np.testing.assert_array_equal(got.slots[name].offsets, slot.offsets)
+    lacking = [*events[:5], SimpleNamespace(user_id="u1", item_id=1,
+                                            features={"gender": "F"}), *events[5:]]
+    want = Featurizer(CONFIG, max_entries=1).featurize(
+        [event_record(e.user_id, e.item_id, e.features) for e in lacking])
+    got = featurizer.featurize_events(lacking)
     for name, slot in want.slots.items():
         np.testing.assert_array_equal(got.slots[name].ids, slot.ids)
         np.testing.assert_array_equal(got.slots[name].offsets, slot.offsets)
+    assert len(got.slots["age"].ids) == len(lacking) - 1  # the absent age: an empty bag
     empty = Featurizer(CONFIG).featurize_events([])
     assert empty.size == 0 and all(len(s.offsets) == 1 for s in empty.slots.values())
