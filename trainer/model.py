@@ -106,9 +106,12 @@ def dense_step(optimizer: torch.optim.Optimizer) -> None:
     """
     groups = optimizer.param_groups
     group = groups[0]
-    if not (isinstance(optimizer, torch.optim.Adam) and len(groups) == 1 and group["fused"]
-            and not (group["amsgrad"] or group["maximize"] or group["capturable"]
-                     or group["differentiable"] or group["decoupled_weight_decay"])):
+    # ``.get``: option keys come and go between torch releases; an unknown shape of the
+    # optimizer, or a torch without the kernel, takes the public path.
+    if not (isinstance(optimizer, torch.optim.Adam) and len(groups) == 1 and group.get("fused")
+            and hasattr(torch, "_fused_adam_")
+            and not any(group.get(k) for k in ("amsgrad", "maximize", "capturable",
+                                               "differentiable", "decoupled_weight_decay"))):
         optimizer.step()
         return
     params = group["params"]
