@@ -35,6 +35,7 @@ from featurestore.snapshot_types import (
     Update,
     bandit_rows,
 )
+from freshrec.background import in_background
 
 log = logging.getLogger("freshrec.snapshot")
 
@@ -476,8 +477,9 @@ class AsyncSnapshotReader:
         assemble = await _arun(self.r, _full_plan(self.keys, meta,
                                                   last[0][0] if last else b"0-0"),
                                self.full_read_pause_ratio)
-        # Decoding a big snapshot is CPU work: off the event loop (numpy releases the GIL).
-        return await asyncio.to_thread(assemble)
+        # Decoding a big snapshot is CPU work: off the event loop, at lower priority
+        # (freshrec.background; numpy releases the GIL).
+        return await in_background(assemble)
 
     async def read_updates(self, after: bytes, count: int = 100, block_ms: int | None = None
                            ) -> list[Update]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from featurestore.schema import ModelConfig
 from featurestore.snapshot_buckets import AsyncBucketedReader, BucketedFull, Chain
 from featurestore.snapshot_types import SnapshotMeta
+from freshrec.background import in_background
 from freshrec.metrics import ServiceMetrics
 from service.snapshot import ServingSnapshot, SnapshotFollower
 
@@ -52,7 +53,7 @@ class BucketedFollower(SnapshotFollower):
         full: BucketedFull | None = await self.buckets.read_full()
         if full is None:
             return False
-        snap = await asyncio.to_thread(ServingSnapshot.from_full, full.merged(), self.config)
+        snap = await in_background(ServingSnapshot.from_full, full.merged(), self.config)
         self.snapshot = snap
         self.chains = {c: ChainState(f.meta, f.meta.version, f.stream_id)
                        for c, f in full.chains().items()}
@@ -92,7 +93,7 @@ class BucketedFollower(SnapshotFollower):
                 if chain is None:
                     rows = await self.buckets.fetch_delta(chain, u, st.meta, snap.dense_version,
                                                           snap.centroids_version)
-                    snap.commit(await asyncio.to_thread(snap.prepare, u, rows))
+                    snap.commit(await in_background(snap.prepare, u, rows))
                 else:
                     rows = await self.buckets.fetch_delta(chain, u, st.meta, 0, 0)
                     # Rows only: the replica's versions stay the head's.
@@ -100,7 +101,7 @@ class BucketedFollower(SnapshotFollower):
                         u, version=snap.version, dense_version=snap.dense_version,
                         centroids_version=snap.centroids_version,
                         updated=max(snap.updated, u.updated))
-                    snap.commit(await asyncio.to_thread(snap.prepare, as_rows, rows))
+                    snap.commit(await in_background(snap.prepare, as_rows, rows))
                 st.version = u.version
                 st.position = u.stream_id
                 self.metrics.snapshot_updates.labels("delta").inc()

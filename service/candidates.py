@@ -7,8 +7,13 @@ every item's tuple, a length list, a cumsum over a list). Here every distinct ca
 row in compact per-slot arrays (start, length, and the slot's flat IDs), so one request costs
 one dict lookup per candidate plus a few fancy-indexing calls per slot, whatever its size.
 
-Keys are exact bytes (``orjson.dumps`` of the candidate as received), so two candidates share
-IDs only when they are the same JSON value: ``1`` and ``1.0`` or ``true`` never alias.
+Keys are exact bytes, so two candidates share IDs only when they are the same JSON value:
+``1`` and ``1.0`` or ``true`` never alias. A request body's candidate is keyed by its JSON
+object exactly as received; the body parser (``service.schemas``) validates a candidate only
+when its bytes are not in the table yet, so the table is also the memo of valid candidates and
+a known candidate costs one dict lookup in all (two lookups by the same bytes, one to skip the
+checks and one for the row, were ~8 % of a request with varied candidates). Candidates given as
+values are keyed by ``candidate_key`` (a JSON array, so never equal to a body's object bytes).
 The table is bounded: when full, it starts over (a miss costs one featurization).
 """
 
@@ -71,17 +76,20 @@ class CandidateIds:
     """Item-slot IDs per candidate, memoized by the candidate's exact JSON bytes."""
 
     def __init__(self, featurizer: Featurizer, item_slots: Sequence[str],
-                 capacity: int = 200_000, max_key_bytes: int = 32 << 20) -> None:
+                 capacity: int = 200_000, max_key_bytes: int = 16 << 20) -> None:
         self.featurizer = featurizer
         self.item_slots = list(item_slots)
         self.capacity = capacity
         # Keys are request bytes: their total is bounded too, so large candidates from a
-        # hostile client cannot grow a worker's memory past it.
+        # hostile client cannot grow a worker's memory past it. The parsed candidates kept per
+        # row (``items``) cost up to ~12x their JSON as Python objects (short strings in lists):
+        # 16 MB of keys stays within ~200 MB.
         self.max_key_bytes = max_key_bytes
         self._reset()
 
     def _reset(self, at_least: int = 0) -> None:
         self.rows: dict[bytes, int] = {}
+        self.items: list[tuple[str, Mapping[str, Any]]] = []  # the candidate of each row
         self._key_bytes = 0
         size = max(self.capacity, at_least)
         self.columns = {s: SlotColumn(size) for s in self.item_slots}
@@ -101,6 +109,7 @@ class CandidateIds:
             column.append(first, batch.slots[slot])
         for i, key in enumerate(keys):
             self.rows[key] = first + i
+        self.items.extend(items)
         self._key_bytes += sum(map(len, keys))
 
     def slot_ids(self, keys: Sequence[bytes],
@@ -109,23 +118,35 @@ class CandidateIds:
         rows = self.table_rows(keys, items)
         return {s: c.gather(rows) for s, c in self.columns.items()}
 
+    def find(self, keys: Sequence[bytes]) -> list[int | None]:
+        """The row of each key, None where the table does not hold it (yet)."""
+        return list(map(self.rows.get, keys))
+
+    def add_missing(self, keys: Sequence[bytes], found: list[int | None],
+                    missing: Mapping[bytes, tuple[str, Mapping[str, Any]]]) -> list[int]:
+        """The rows of ``keys`` after featurizing and adding the ``missing`` candidates.
+
+        ``found`` is :meth:`find` of ``keys``; ``missing`` holds the candidate of each key it
+        found None for. A table that would outgrow its bounds starts over with this request's
+        candidates only (crude, but a miss only costs one featurization).
+        """
+        added = sum(map(len, missing))
+        if (len(self.rows) + len(missing) > self.capacity
+                or self._key_bytes + added > self.max_key_bytes):
+            request = {key: missing[key] if row is None else self.items[row]
+                       for key, row in zip(keys, found, strict=True)}
+            self._reset(len(request))
+            missing = request
+        self._add(list(missing), list(missing.values()))
+        return list(map(self.rows.__getitem__, keys))
+
     def table_rows(self, keys: Sequence[bytes],
                    items: Sequence[tuple[str, Mapping[str, Any]]]) -> np.ndarray:
         """The table row of each candidate (featurized and added first where missing):
         slot ``s``'s IDs of candidate i are ``columns[s]``'s bag at row ``result[i]``."""
-        get = self.rows.get
-        found = list(map(get, keys))
+        found = self.find(keys)
         if None in found:
-            missing: dict[bytes, tuple[str, Mapping[str, Any]]] = {}
-            for key, row, item in zip(keys, found, items, strict=True):
-                if row is None:
-                    missing.setdefault(key, item)
-            added = sum(map(len, missing))
-            if (len(self.rows) + len(missing) > self.capacity
-                    or self._key_bytes + added > self.max_key_bytes):
-                # Full: start over (crude, but a miss only costs one featurization).
-                missing = dict(zip(keys, items, strict=True))
-                self._reset(len(missing))
-            self._add(list(missing), list(missing.values()))
-            found = list(map(self.rows.get, keys))
+            missing = {key: item for key, row, item in zip(keys, found, items, strict=True)
+                       if row is None}
+            return np.array(self.add_missing(keys, found, missing), dtype=np.int64)
         return np.array(found, dtype=np.int64)

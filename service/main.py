@@ -113,9 +113,10 @@ def _warm_up_and_freeze(state: ServiceState) -> None:
 
     snap = state.snapshot
     if snap is not None:
-        parse_score_body(orjson.dumps({"user_id": WARM_UP_ID,
-                                       "candidates": [{"item_id": WARM_UP_ID}]}))
-        state.scorer.score(snap, WARM_UP_ID, {}, [(WARM_UP_ID, {})], 1, True)
+        req = parse_score_body(orjson.dumps({"user_id": WARM_UP_ID,
+                                             "candidates": [{"item_id": WARM_UP_ID}]}),
+                               state.scorer.candidates)
+        state.scorer.score(snap, WARM_UP_ID, {}, req.items, 1, True, req.rows)
     _freeze_heap()
 
 

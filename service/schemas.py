@@ -26,7 +26,7 @@ from featurestore.events import (
     Id,
     LabeledEvent,
 )
-from service.candidates import candidate_key
+from service.candidates import CandidateIds, candidate_key
 
 HARD_MAX_CANDIDATES = 10_000  # schema bound; the configured limit is checked per request
 MAX_EVENTS_PER_REQUEST = 1_000
@@ -110,7 +110,7 @@ class ParsedScore(NamedTuple):
     top_k: int
     explore: bool
     request_id: str | None
-    item_keys: list[bytes]  # one per item: its JSON, the key of per-candidate memos
+    rows: list[int]  # one per item: its row in the candidate table the body was parsed with
 
 
 _CANDIDATE_KEYS = frozenset(Candidate.model_fields)
@@ -152,30 +152,6 @@ def _plain_features(f: object) -> bool:
     return True
 
 
-class _KnownCandidates:
-    """Candidates already found plainly valid, by their exact JSON bytes: ``(item_id, features)``.
-
-    Validity and value are functions of the exact bytes, so a candidate seen before is neither
-    parsed nor checked again: candidates repeat across requests, and parsing and checking 100
-    of them was ~40 % of the body's cost. Bounded in entries and in key bytes (keys are client
-    bytes); when full it starts over, and a miss costs one small parse.
-    """
-
-    def __init__(self, capacity: int = 100_000, max_bytes: int = 16 << 20) -> None:
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self.items: dict[bytes, tuple[str, dict[str, Any]]] = {}
-        self._bytes = 0
-
-    def add(self, key: bytes, item: tuple[str, dict[str, Any]]) -> None:
-        if len(self.items) >= self.capacity or self._bytes + len(key) > self.max_bytes:
-            self.items.clear()
-            self._bytes = 0
-        self.items[key] = item
-        self._bytes += len(key)
-
-
-_KNOWN_CANDIDATES = _KnownCandidates()
 
 
 class _ScoreFields(msgspec.Struct, forbid_unknown_fields=True):
@@ -214,7 +190,7 @@ def _plain_candidate(raw: bytes) -> tuple[str, dict[str, Any]] | None:
     return item_id, features
 
 
-def _parse_plain(body: bytes) -> ParsedScore | None:
+def _parse_plain(body: bytes, table: CandidateIds) -> ParsedScore | None:
     """msgspec + exact checks for the common, plainly valid body; None = ask pydantic.
 
     Accepts only bodies that ``ScoreRequest`` accepts with the same values, so the result is
@@ -236,17 +212,20 @@ def _parse_plain(body: bytes) -> ParsedScore | None:
             and (request_id is None or _plain_id(request_id))):
         return None
     keys = list(map(bytes, raws))
-    known = _KNOWN_CANDIDATES
-    items = list(map(known.items.get, keys))
-    if None in items:
-        for i, key in enumerate(keys):
-            if items[i] is None:
+    found = table.find(keys)  # a candidate in the table was checked when it was added
+    if None in found:
+        missing: dict[bytes, tuple[str, dict[str, Any]]] = {}
+        for key, row in zip(keys, found, strict=True):
+            if row is None and key not in missing:
                 item = _plain_candidate(key)
                 if item is None:
                     return None
-                known.add(key, item)
-                items[i] = item
-    return ParsedScore(user_id, features, items, top_k, explore, request_id, keys)
+                missing[key] = item
+        rows = table.add_missing(keys, found, missing)
+    else:
+        rows = found  # type: ignore[assignment]  # no None in it
+    items = list(map(table.items.__getitem__, rows))
+    return ParsedScore(user_id, features, items, top_k, explore, request_id, rows)
 
 
 def _raise_422(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) -> NoReturn:
@@ -255,13 +234,16 @@ def _raise_422(exc: ValidationError, prefix: tuple[str | int, ...] = ("body",)) 
         for e in exc.errors(include_url=False)]) from None
 
 
-def parse_score_body(body: bytes) -> ParsedScore:
+def parse_score_body(body: bytes, table: CandidateIds) -> ParsedScore:
     """Validate a ``/v1/score`` body; raises FastAPI's ``RequestValidationError`` (422).
+
+    ``table`` is the scorer's candidate table: candidates it holds were checked when they were
+    added, and each candidate's row in it comes back in ``rows``.
 
     Duplicate keys: the last value wins on both paths (orjson and pydantic agree), and the
     logged impression is re-serialized, so downstream readers see exactly one value.
     """
-    plain = _parse_plain(body)
+    plain = _parse_plain(body, table)
     if plain is not None:
         return plain
     try:
@@ -269,8 +251,9 @@ def parse_score_body(body: bytes) -> ParsedScore:
     except ValidationError as exc:
         _raise_422(exc)
     items = [(c.item_id, c.features) for c in req.candidates]
+    rows = table.table_rows([candidate_key(i, f) for i, f in items], items).tolist()
     return ParsedScore(req.user_id, req.features, items, req.top_k, req.explore,
-                       req.request_id, [candidate_key(i, f) for i, f in items])
+                       req.request_id, rows)
 
 
 # ---- /v1/events ------------------------------------------------------------------------------

@@ -147,17 +147,19 @@ class Scorer:
     def _features(self, snapshot: ServingSnapshot, user_id: str,
                   user_features: Mapping[str, Any],
                   items: Sequence[tuple[str, Mapping[str, Any]]],
-                  item_keys: Sequence[bytes] | None = None
+                  table_rows: Sequence[int] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Model input, the candidates' rows in the candidate table (``CandidateIds``), and the
-        user tower (the user-side columns, once)."""
+        user tower (the user-side columns, once). ``table_rows``: the rows, when the request
+        parser has already found them in :attr:`candidates`."""
         user_rec = dict(user_features)
         user_rec["user_id"] = user_id
         n = len(items)
         ub = self.featurizer.featurize([user_rec], SlotSide.USER)
-        if item_keys is None:
-            item_keys = [candidate_key(i, f) for i, f in items]
-        rows = self.candidates.table_rows(item_keys, items)
+        if table_rows is None:
+            rows = self.candidates.table_rows([candidate_key(i, f) for i, f in items], items)
+        else:
+            rows = np.array(table_rows, dtype=np.int64)
         columns = self.candidates.columns
         # Each slot's pooled block is written straight into the model input (no concatenate).
         x = np.empty((n, self.width), dtype=np.float32)
@@ -221,13 +223,13 @@ class Scorer:
 
     def score(self, snapshot: ServingSnapshot, user_id: str, user_features: Mapping[str, Any],
               items: Sequence[tuple[str, Mapping[str, Any]]], top_k: int,
-              explore: bool, item_keys: Sequence[bytes] | None = None) -> ScoredItems:
+              explore: bool, table_rows: Sequence[int] | None = None) -> ScoredItems:
         """Score every candidate; rank by ``pctr + alpha * bonus`` when exploring.
 
-        ``item_keys`` (one per item, e.g. each candidate's exact request bytes) key the memo of
-        item-side IDs; without them the keys are built from the values.
+        ``table_rows``: each item's row in :attr:`candidates` (``parse_score_body`` finds them
+        while it checks the body); without them the items are looked up by their values.
         """
-        x, rows, tower = self._features(snapshot, user_id, user_features, items, item_keys)
+        x, rows, tower = self._features(snapshot, user_id, user_features, items, table_rows)
         pctr = self.forward(snapshot, x)
         n = len(items)
         k = min(top_k, n)

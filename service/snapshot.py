@@ -34,6 +34,7 @@ from featurestore.snapshot_types import (
     SnapshotMeta,
     Update,
 )
+from freshrec.background import in_background
 from freshrec.metrics import ServiceMetrics
 from freshrec.redis_client import REDIS_UNAVAILABLE
 from service.dense import NumpyCTR
@@ -219,7 +220,7 @@ class SnapshotFollower:
         full = await self.reader.read_full()
         if full is None:
             return False
-        snap = await asyncio.to_thread(ServingSnapshot.from_full, full, self.config)
+        snap = await in_background(ServingSnapshot.from_full, full, self.config)
         self.snapshot = snap
         self.position = full.stream_id
         self.full_loads += 1
@@ -261,7 +262,7 @@ class SnapshotFollower:
                 return
             rows = await self.reader.fetch_delta(u, snap.meta, snap.dense_version,
                                                  snap.centroids_version)
-            snap.commit(await asyncio.to_thread(snap.prepare, u, rows))
+            snap.commit(await in_background(snap.prepare, u, rows))
             self.position = u.stream_id
             self.metrics.snapshot_updates.labels("delta").inc()
         self._gauges()

@@ -42,7 +42,7 @@ def score_body(st: ServiceState, body: bytes) -> bytes:
     produced by the same pydantic model.
     """
     settings, metrics = st.settings, st.metrics
-    req = parse_score_body(body)
+    req = parse_score_body(body, st.scorer.candidates)
     if len(req.items) > settings.service_max_candidates:
         raise RequestValidationError([{
             "type": "too_long", "loc": ("body", "candidates"),
@@ -54,7 +54,7 @@ def score_body(st: ServiceState, body: bytes) -> bytes:
     explore = req.explore and explore_bucket(req.user_id) < settings.bandit_explore_fraction
     items = req.items
     result = st.scorer.score(snap, req.user_id, req.features, items, req.top_k, explore,
-                             req.item_keys)
+                             req.rows)
     request_id = req.request_id or os.urandom(16).hex()  # uuid4().hex, without its object
     age = max(0.0, time.time() - snap.updated)
     order = result.order

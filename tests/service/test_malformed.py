@@ -18,10 +18,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from bench.http_fuzz import GET_ROUTES, fuzz_case
+from featurestore.featurize import Featurizer
+from featurestore.schema import SlotSide, load_model_config
 from freshrec.devstack import LocalStack
 from freshrec.kafka import create_topics
-from freshrec.settings import Settings
+from freshrec.settings import Settings, default_model_config_path
 from service.app import create_app
+from service.candidates import CandidateIds
 from service.schemas import ScoreRequest, _parse_plain, parse_score_body
 from tests.conftest import Names
 from tests.service.test_service import AUTH, TOKEN, body, build_world, poll
@@ -150,13 +153,16 @@ def test_mutated_json_never_gets_5xx(client: TestClient) -> None:
 ])
 def test_the_score_fast_path_agrees_with_the_schema(raw: bytes) -> None:
     """orjson's fast path either returns what pydantic would, or defers to it."""
-    plain = _parse_plain(raw)
+    config = load_model_config(default_model_config_path())
+    table = CandidateIds(Featurizer(config),
+                         [s.name for s in config.slots if s.side is SlotSide.ITEM])
+    plain = _parse_plain(raw, table)
     try:
         req = ScoreRequest.model_validate_json(raw)
     except ValueError:
         assert plain is None
         with pytest.raises(RequestValidationError):
-            parse_score_body(raw)
+            parse_score_body(raw, table)
         return
     if plain is not None:
         assert (plain.user_id, plain.features, plain.top_k) == (req.user_id, req.features,

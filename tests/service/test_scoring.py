@@ -13,8 +13,11 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from featurestore.featurize import SlotIds
+from featurestore.featurize import Featurizer, SlotIds
 from featurestore.pooling import mean_pool
+from featurestore.schema import SlotSide, load_model_config
+from freshrec.settings import default_model_config_path
+from service.candidates import CandidateIds
 from service.schemas import ParsedScore, ScoreRequest, parse_score_body
 from service.scoring import pool_into, rank
 from service.vectors import SlotVectors
@@ -31,6 +34,12 @@ def test_pool_into_equals_mean_pool_with_empty_bags_and_unknown_ids() -> None:
         out = np.full((len(s.offsets) - 1, 8), np.nan, dtype=np.float32)
         pool_into(out, 0, store, s)
         np.testing.assert_array_equal(out, mean_pool(store.lookup(s.ids), s.offsets))
+
+
+def _table(**bounds: int) -> CandidateIds:
+    config = load_model_config(default_model_config_path())
+    return CandidateIds(Featurizer(config),
+                        [s.name for s in config.slots if s.side is SlotSide.ITEM], **bounds)
 
 
 def _via_pydantic(body: dict) -> ParsedScore | str:
@@ -57,27 +66,41 @@ def test_fast_body_parse_agrees_with_the_pydantic_model(change: dict) -> None:
             "candidates": [{"item_id": f"m{j}", "features": {"genres": ["Drama"], "year": j}}
                            for j in range(3)]} | change
     want = _via_pydantic(body)
+    table = _table()
     if want == "invalid":
         with pytest.raises(RequestValidationError):
-            parse_score_body(orjson.dumps(body))
+            parse_score_body(orjson.dumps(body), table)
+        assert len(table) == 0  # nothing of an invalid body is kept
     else:
-        got = parse_score_body(orjson.dumps(body))
-        assert got._replace(item_keys=[]) == want
-        assert len(got.item_keys) == len(got.items)
-        # Parsed again, the candidates are known valid and skip the checks: same result.
-        assert parse_score_body(orjson.dumps(body)) == got
+        got = parse_score_body(orjson.dumps(body), table)
+        assert got._replace(rows=[]) == want
+        assert [table.items[r] for r in got.rows] == got.items
+        # Parsed again, the candidates are found in the table and skip the checks: same result.
+        assert parse_score_body(orjson.dumps(body), table) == got
         assert [type(v) for v in got.features.values()] == [
             type(v) for v in want.features.values()]
 
 
-def test_the_known_valid_candidates_memo_bounds_its_bytes() -> None:
-    from service.schemas import _KnownCandidates
+def test_a_table_that_starts_over_keeps_every_candidate_of_the_request() -> None:
+    """A full table restarts mid-request: rows found before the restart are stale, so every
+    candidate of the request (found or new) must come back at a row holding it."""
+    table = _table(capacity=8)
+    for n in range(12):
+        cands = [{"item_id": f"m{(n * 3 + j) % 20}", "features": {"release_year": j}}
+                 for j in range(5)]
+        got = parse_score_body(orjson.dumps({"user_id": "u1", "candidates": cands}), table)
+        assert got.items == [(c["item_id"], c["features"]) for c in cands]
+        assert [table.items[r] for r in got.rows] == got.items
+        assert len(table) <= 8
 
-    memo = _KnownCandidates(max_bytes=1_000)
+
+def test_the_table_bounds_its_key_bytes_on_the_body_path() -> None:
+    table = _table(max_key_bytes=1_000)
     for i in range(50):
-        memo.add(b"%d" % i + b"x" * 100, (f"m{i}", {}))
-        assert sum(map(len, memo.items)) <= 1_000
-        assert memo.items[b"%d" % i + b"x" * 100] == (f"m{i}", {})
+        cands = [{"item_id": f"m{i}", "features": {"g": ["x" * 100]}}]
+        got = parse_score_body(orjson.dumps({"user_id": "u1", "candidates": cands}), table)
+        assert table.items[got.rows[0]] == (f"m{i}", {"g": ["x" * 100]})
+        assert sum(map(len, table.rows)) <= 1_000
 
 
 def test_the_histogram_tally_equals_one_observe_per_value() -> None:
