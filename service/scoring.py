@@ -21,7 +21,7 @@ from bandit.context import context_for, user_slots
 from featurestore.featurize import Featurizer, SlotIds, bandit_keys
 from featurestore.pooling import pool_bag
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
-from service.candidates import CandidateIds, SlotColumn, candidate_key
+from service.candidates import CandidateIds, SlotColumn, UserIds, candidate_key
 from service.snapshot import ServingSnapshot
 from service.vectors import SlotVectors, row_of
 from trainer.wide import wide_logits
@@ -135,6 +135,7 @@ class Scorer:
         self.item_slots = [s.name for s in config.slots if s.side is SlotSide.ITEM]
         self.item_slot = config.item_slot  # a search over the slots on every access
         self.candidates = CandidateIds(self.featurizer, self.item_slots, item_cache_size)
+        self.users = UserIds(self.featurizer)
         ends = np.cumsum([s.dim for s in config.slots]).tolist()
         self.width = ends[-1] if ends else 0
         self.columns = list(zip([0, *ends[:-1]], ends, strict=True))
@@ -152,10 +153,8 @@ class Scorer:
         """Model input, the candidates' rows in the candidate table (``CandidateIds``), and the
         user tower (the user-side columns, once). ``table_rows``: the rows, when the request
         parser has already found them in :attr:`candidates`."""
-        user_rec = dict(user_features)
-        user_rec["user_id"] = user_id
         n = len(items)
-        ub = self.featurizer.featurize([user_rec], SlotSide.USER)
+        user_ids = self.users.slot_ids(user_id, user_features)
         if table_rows is None:
             rows = self.candidates.table_rows([candidate_key(i, f) for i, f in items], items)
         else:
@@ -168,7 +167,7 @@ class Scorer:
         for slot, (a, b) in zip(self.config.slots, self.columns, strict=True):
             store = snapshot.slots[slot.name]
             if slot.side is SlotSide.USER:
-                s = ub.slots[slot.name]
+                s = user_ids[slot.name]
                 if len(s.ids) == 1:  # the usual case: one value, no pooling
                     tower[t : t + b - a] = store.vector(int(s.ids[0]))
                 else:

@@ -7,7 +7,7 @@ import numpy as np
 from featurestore.featurize import Featurizer
 from featurestore.schema import SlotSide, load_model_config
 from freshrec.settings import default_model_config_path
-from service.candidates import CandidateIds, candidate_key
+from service.candidates import CandidateIds, UserIds, candidate_key
 
 GENRES = ["Drama", "Comedy", "Action", "War"]
 
@@ -67,3 +67,22 @@ def test_the_table_bounds_the_bytes_of_its_keys_too() -> None:
         got = table.slot_ids([candidate_key(i, f) for i, f in items], items)
         assert len(got[slots[0]].offsets) == 2
         assert table._key_bytes <= 2_000
+
+
+def test_memoized_user_ids_equal_featurizing_and_stay_bounded() -> None:
+    config = load_model_config(default_model_config_path())
+    featurizer = Featurizer(config)
+    users = UserIds(Featurizer(config), capacity=5, max_key_bytes=400)
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        u = int(rng.integers(12))
+        feats: dict = {"age": 20 + u, "gender": "MF"[u % 2], "occupation": f"o{u % 3}"}
+        if u % 5 == 0:
+            feats["age"] = float(feats["age"]) + 0.5  # another JSON value: its own entry
+        got = users.slot_ids(f"u{u}", feats)
+        want = featurizer.featurize([{**feats, "user_id": f"u{u}"}], SlotSide.USER).slots
+        assert set(got) == set(want)
+        for s in want:
+            np.testing.assert_array_equal(got[s].ids, want[s].ids)
+            np.testing.assert_array_equal(got[s].offsets, want[s].offsets)
+        assert len(users) <= 5 and users._key_bytes <= 400
