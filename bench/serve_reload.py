@@ -92,7 +92,9 @@ def loop_lag_during_reloads(settings, reloads: int = 2) -> dict:
 
     async def run() -> dict:
         client = aredis.Redis.from_url(settings.redis_url, socket_timeout=60)
-        follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
+        bulk = redis.Redis.from_url(settings.redis_url, socket_timeout=60)  # as the service
+        follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name,
+                                                        bulk_client=bulk),
                                     load_model_config(settings.model_config_path),
                                     ServiceMetrics())
         lags: list[float] = []

@@ -372,17 +372,21 @@ def _queue(pipe: Any, cmds: list[Command]) -> None:
             getattr(pipe, name)(*args)
 
 
-def _run(r: redis.Redis, plan: Plan) -> Callable[[], Any]:
-    """Drive a plan over a synchronous client."""
+def _run(r: redis.Redis, plan: Plan, pause_ratio: float = 0.0) -> Callable[[], Any]:
+    """Drive a plan over a synchronous client, resting ``pause_ratio`` x each round's time
+    after it (as :func:`_arun`)."""
     try:
         cmds = next(plan)
         while True:
+            started = time.perf_counter()
             pipe = r.pipeline(transaction=False)
             _queue(pipe, cmds)
             try:
                 results = pipe.execute()
             except redis.ResponseError as exc:
                 raise SnapshotFormatError(str(exc)) from None
+            if pause_ratio > 0:
+                time.sleep(pause_ratio * (time.perf_counter() - started))
             cmds = plan.send(results)
     except StopIteration as done:
         return done.value
@@ -428,8 +432,12 @@ class SnapshotReader:
         g = self.r.hget(self.keys.meta, "generation")
         return g.decode() if g is not None else None
 
-    def read_full(self) -> FullSnapshot | None:
-        """Everything, consistent as of the returned meta (plus possibly newer rows)."""
+    def read_full(self, pause_ratio: float = 0.0) -> FullSnapshot | None:
+        """Everything, consistent as of the returned meta (plus possibly newer rows).
+
+        ``pause_ratio``: rest that many times each round trip's duration after it, so a big
+        read leaves Redis time for everyone else (``FULL_READ_PAUSE_RATIO``).
+        """
         pipe = self.r.pipeline(transaction=True)
         pipe.hgetall(self.keys.meta)
         pipe.xrevrange(self.keys.updates, count=1)
@@ -437,7 +445,8 @@ class SnapshotReader:
         meta = SnapshotMeta.decode(raw_meta)
         if meta is None:
             return None
-        return _run(self.r, _full_plan(self.keys, meta, last[0][0] if last else b"0-0"))()
+        return _run(self.r, _full_plan(self.keys, meta, last[0][0] if last else b"0-0"),
+                    pause_ratio)()
 
     def read_updates(self, after: bytes, count: int = 100, block_ms: int | None = None
                      ) -> list[Update]:
@@ -456,17 +465,26 @@ class AsyncSnapshotReader:
     """The service's side: the same reads over ``redis.asyncio`` (blocking XREAD follows)."""
 
     def __init__(self, client: aredis.Redis, model_name: str, *,
-                 bucket: int | None = None, full_read_pause_ratio: float = FULL_READ_PAUSE_RATIO
-                 ) -> None:
+                 bucket: int | None = None, full_read_pause_ratio: float = FULL_READ_PAUSE_RATIO,
+                 bulk_client: redis.Redis | None = None) -> None:
         self.r = client
         self.keys = Keys(model_name, bucket)
         self.full_read_pause_ratio = full_read_pause_ratio
+        # Full reads over a synchronous client on the background thread, when given: parsing a
+        # 1 M-row snapshot's replies with redis-py's asyncio parser took ~0.1 s of the event
+        # loop per reload (copying multi-megabyte bulk strings through StreamReader), time every
+        # request on that loop waited for. The blocking client parses into one buffer and
+        # releases the GIL while it waits on the socket.
+        self.bulk = None if bulk_client is None else SnapshotReader(bulk_client, model_name,
+                                                                     bucket=bucket)
 
     async def read_meta(self) -> SnapshotMeta | None:
         return SnapshotMeta.decode(await self.r.hgetall(self.keys.meta))
 
     async def read_full(self) -> FullSnapshot | None:
         """Meta and the stream position atomically, then every key of that generation."""
+        if self.bulk is not None:
+            return await in_background(self.bulk.read_full, self.full_read_pause_ratio)
         async with self.r.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.meta)
             pipe.xrevrange(self.keys.updates, count=1)

@@ -26,6 +26,7 @@ from featurestore.snapshot_reader import AsyncSnapshotReader
 from freshrec.kafka import producer_config
 from freshrec.metrics import ServiceMetrics
 from freshrec.redis_client import async_redis_client
+from freshrec.redis_client import redis_client as redis_client_for
 from freshrec.settings import Settings
 from service.auth import explain_write_access
 from service.bucketed import BucketedFollower
@@ -115,13 +116,18 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
         client = redis_client or await asyncio.to_thread(
             async_redis_client, settings, socket_timeout=10.0, socket_connect_timeout=2.0,
             health_check_interval=15)
+        bulk = None
         if settings.snapshot_buckets:
             state.follower = BucketedFollower(
                 AsyncBucketedReader(client, settings.model_name, settings.snapshot_buckets),
                 config, metrics)
         else:
-            state.follower = SnapshotFollower(AsyncSnapshotReader(client, settings.model_name),
-                                              config, metrics)
+            # Full snapshot reads: a blocking client used only by the background thread.
+            bulk = await asyncio.to_thread(redis_client_for, settings, socket_timeout=60.0,
+                                           socket_connect_timeout=2.0, health_check_interval=15)
+            state.follower = SnapshotFollower(
+                AsyncSnapshotReader(client, settings.model_name, bulk_client=bulk),
+                config, metrics)
 
         def new_producer() -> Producer:
             return Producer(producer_config(
@@ -149,6 +155,8 @@ def create_app(settings: Settings, *, config: ModelConfig | None = None,
             await asyncio.to_thread(state.sink.close)
             if redis_client is None:
                 await client.aclose()
+            if bulk is not None:
+                await asyncio.to_thread(bulk.close)
 
     app = FastAPI(title="freshrec scoring service", version="1", lifespan=lifespan,
                   **_without_native_telemetry())

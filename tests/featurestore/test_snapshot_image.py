@@ -128,21 +128,28 @@ def test_image_with_bandit_rows_reads_exactly_like_a_scan(store: SnapshotStore) 
     assert 7 not in full.emb["user"][0]
 
 
-def test_async_reader_reads_the_image_too(store: SnapshotStore, stack: LocalStack) -> None:
+@pytest.mark.parametrize("bulk", [False, True], ids=["asyncio", "bulk client"])
+def test_async_reader_reads_the_image_too(store: SnapshotStore, stack: LocalStack,
+                                          bulk: bool) -> None:
+    """Over the asyncio client, or (as the service reads) over a blocking client on the
+    background thread: the same snapshot as the synchronous reader."""
     chain = Chain(store, seed=4)
     store.write_image(chain.state())
     chain.delta(10, 10, 10)
+    bulk_client = redis.Redis.from_url(stack.redis_url) if bulk else None
 
     async def read() -> FullSnapshot | None:
         client = aredis.Redis.from_url(stack.redis_url)
         try:
-            return await AsyncSnapshotReader(client, store.model).read_full()
+            return await AsyncSnapshotReader(client, store.model, bulk_client=bulk_client,
+                                             full_read_pause_ratio=0.5).read_full()
         finally:
             await client.aclose()
 
     full = asyncio.run(read())
     assert full is not None and full.source == "image"
     np.testing.assert_array_equal(full.emb["item"][0], sorted(chain.emb["item"]))
+    assert_same(full, store.read_full())
 
 
 @pytest.mark.parametrize("damage", ["image expired", "stream trimmed", "changelog expired"])
