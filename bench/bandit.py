@@ -414,6 +414,19 @@ def make_policy(name: str, param: float | None, s: Stream, seed: int, half_life:
 
 
 # ---------------------------------------------------------------------------- running
+def play_batch(pol: Policy, s: Stream, start: int) -> tuple[slice, np.ndarray, np.ndarray]:
+    """Rounds ``start .. start+BATCH`` of ``s``: choose with the frozen model, draw the rewards,
+    learn; ``(slice, regret per round, chosen item ids)``."""
+    sl = slice(start, min(len(s.users), start + BATCH))
+    users, cands = s.users[sl], s.cands[sl]
+    a = pol.choose(start, users, cands)
+    rows = np.arange(len(a))
+    p, u = s.p[sl], s.u[sl]
+    rew = (u[rows, a] < p[rows, a]).astype(np.float64)
+    pol.learn(start, users, cands[rows, a], rew, np.ones(len(a)))
+    return sl, p.max(1) - p[rows, a], cands[rows, a]
+
+
 def run(job: dict[str, Any]) -> dict[str, Any]:
     """One policy on one stream; stops early at ``deadline_s`` (the horizon is then shorter)."""
     s = make_stream(job["env"], job["T"], job["seed"], job["ml_path"])
@@ -427,15 +440,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     for start in range(0, T, BATCH):
         if time.perf_counter() - t0 > job["deadline_s"]:
             break
-        sl = slice(start, min(T, start + BATCH))
-        users, cands = s.users[sl], s.cands[sl]
-        a = pol.choose(start, users, cands)
-        rows = np.arange(len(a))
-        p, u = s.p[sl], s.u[sl]
-        rew = (u[rows, a] < p[rows, a]).astype(np.float64)
-        regret[sl] = p.max(1) - p[rows, a]
-        chosen[sl] = cands[rows, a]
-        pol.learn(start, users, cands[rows, a], rew, np.ones(len(a)))
+        sl, regret[sl], chosen[sl] = play_batch(pol, s, start)
         done = sl.stop
     out = {**job, "rounds": done, "seconds": time.perf_counter() - t0,
            "cum_regret": np.cumsum(regret[:done]).tolist()}

@@ -84,14 +84,7 @@ def profile_run(job: dict[str, Any]) -> dict[str, Any]:
     regret = np.zeros(T)
     t0 = time.perf_counter()
     for start in range(0, T, bench.BATCH):
-        sl = slice(start, min(T, start + bench.BATCH))
-        users, cands = s.users[sl], s.cands[sl]
-        a = pol.choose(start, users, cands)
-        rows = np.arange(len(a))
-        p, u = s.p[sl], s.u[sl]
-        regret[sl] = p.max(1) - p[rows, a]
-        pol.learn(start, users, cands[rows, a], (u[rows, a] < p[rows, a]).astype(np.float64),
-                  np.ones(len(a)))
+        sl, regret[sl], _ = bench.play_batch(pol, s, start)
     ex = np.asarray(pol.explored, dtype=bool)
     return {**job, "seconds": time.perf_counter() - t0,
             "regret_per_round": float(regret.mean()),

@@ -144,16 +144,8 @@ def regret(env: str, T: int, seed: int, ml_path: str | None, rule: str, knob: fl
     s = _STREAMS[key]
     half_life = T / 4 if env == "dynamic" else 0.0
     pol = DenseDiag(s, seed + 17, half_life, rule, knob, **variant)
-    total = 0.0
-    for start in range(0, T, bench.BATCH):
-        sl = slice(start, min(T, start + bench.BATCH))
-        users, cands = s.users[sl], s.cands[sl]
-        a = pol.choose(start, users, cands)
-        rows = np.arange(len(a))
-        p, u = s.p[sl], s.u[sl]
-        total += float((p.max(1) - p[rows, a]).sum())
-        pol.learn(start, users, cands[rows, a], (u[rows, a] < p[rows, a]).astype(np.float64),
-                  None)
+    total = sum(float(bench.play_batch(pol, s, start)[1].sum())
+                for start in range(0, T, bench.BATCH))
     return total / T
 
 
