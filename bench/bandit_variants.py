@@ -28,6 +28,8 @@ Variants (``VARIANTS``):
 
 Run: ``.venv/bin/python bench/bandit_variants.py --variants shipped,row_sum`` →
 ``bench/results/bandit_variants.json`` (merged per variant, so variants can be run one at a time).
+``--oracle clustered:10000:2,...`` records, for the shipped variant on the given seeds, the best
+Diag ÷ ε-greedy any knob of the grids reaches: how far tuning alone could go.
 """
 
 from __future__ import annotations
@@ -174,6 +176,18 @@ def screen(variant: dict[str, Any], envs: list[str], seeds: list[int], T: int,
     return out
 
 
+def oracle(env: str, T: int, seed: int, ml_path: str | None) -> dict[str, Any]:
+    """Shipped variant, every knob of the grids on one *evaluation* seed: the best ratio any
+    tuning could reach there. A ceiling for diagnosis, never a way to choose a knob."""
+    eps = {v: regret(env, T, seed, ml_path, "eps_greedy", v) for v in bench.GRIDS["eps_greedy"][1]}
+    diag = {v: regret(env, T, seed, ml_path, "ucb", v) for v in bench.GRIDS["diag_linucb"][1]}
+    return {"env": env, "rounds": T, "seed": seed,
+            "greedy": regret(env, T, seed, ml_path, "greedy", 0.0),
+            "eps_greedy": {str(k): v for k, v in eps.items()},
+            "diag_linucb": {str(k): v for k, v in diag.items()},
+            "best_ratio_vs_eps_greedy": min(diag.values()) / min(eps.values())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -181,8 +195,22 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,5", help="screening seeds (not 2, 3, 4)")
     ap.add_argument("--rounds", type=int, default=10_000)
     ap.add_argument("--movielens", default=None)
+    ap.add_argument("--oracle", help="ENV:ROUNDS:SEED,...: the shipped variant's best ratio over "
+                    "the whole grids on those seeds (diagnosis only; evaluation seeds allowed)")
     args = ap.parse_args()
     apply_thread_budget(1)
+    path = bench.RESULTS / "bandit_variants.json"
+    if args.oracle:
+        ml = bench.movielens_dir(args.movielens)
+        found = []
+        for spec in args.oracle.split(","):
+            env, rounds, seed = spec.split(":")
+            found.append(oracle(env, int(rounds), int(seed), ml))
+            print(json.dumps(found[-1]), flush=True)
+        results = json.loads(path.read_text()) if path.exists() else {"variants": {}}
+        results["oracle"] = found
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        return
     seeds = [int(x) for x in args.seeds.split(",")]
     if set(seeds) & {2, 3, 4}:
         raise SystemExit("screening seeds must not be evaluation seeds (2, 3, 4)")
@@ -190,7 +218,6 @@ def main() -> None:
     ml_path = bench.movielens_dir(args.movielens) if "movielens" in envs else None
     if ml_path is None and "movielens" in envs:
         envs.remove("movielens")
-    path = bench.RESULTS / "bandit_variants.json"
     for name in args.variants.split(","):
         t0 = time.perf_counter()
         print(f"== {name}: {VARIANTS[name]}", flush=True)
