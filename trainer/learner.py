@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,13 +46,25 @@ class StepResult:
     batch: SparseBatch
 
 
+class RowSource(Protocol):
+    """Where a working set reads its rows from and writes them back to: a local table, or
+    the rows a trainer rank fetched from their owners (:mod:`trainer.sharded`)."""
+
+    def read_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+    def write_rows(self, rows: np.ndarray, emb: np.ndarray, s1: np.ndarray,
+                   s2: np.ndarray) -> None: ...
+
+
 class _WorkingSet:
     """A batch's distinct admitted rows of every table, copied into flat arrays (see
     :mod:`trainer.wide`), and the jagged local rows of every example."""
 
     def __init__(self, learner: OnlineLearner, batch: SparseBatch,
-                 rows: Mapping[str, np.ndarray]) -> None:
+                 rows: Mapping[str, np.ndarray],
+                 sources: Mapping[str, RowSource] | None = None) -> None:
         self.learner = learner
+        self.sources: Mapping[str, RowSource] = (learner.tables if sources is None
+                                                 else sources)
         self.uniq: list[np.ndarray] = []
         locs, base, flat = [], 0, 0
         offs = np.empty((len(learner.slot_names), batch.size + 1), dtype=np.int64)
@@ -72,7 +84,7 @@ class _WorkingSet:
         start = 0
         for name, uniq, dim in zip(learner.slot_names, self.uniq, learner.dims, strict=True):
             stop = start + len(uniq)
-            e, s1, s2 = learner.tables[name].read_rows(uniq)
+            e, s1, s2 = self.sources[name].read_rows(uniq)
             self.W[start:stop, :dim] = e
             self.S1[start:stop, :dim] = s1
             self.S2[start:stop, :dim] = s2
@@ -83,7 +95,7 @@ class _WorkingSet:
         for name, uniq, dim in zip(self.learner.slot_names, self.uniq, self.learner.dims,
                                    strict=True):
             stop = start + len(uniq)
-            self.learner.tables[name].write_rows(uniq, self.W[start:stop, :dim],
+            self.sources[name].write_rows(uniq, self.W[start:stop, :dim],
                                                  self.S1[start:stop, :dim],
                                                  self.S2[start:stop, :dim])
             start = stop
@@ -202,12 +214,26 @@ class OnlineLearner:
         self.mutations += 1  # from here on a failure may leave the state half-applied
         rows = self._rows(batch, np.asarray(ts, dtype=np.float64), train=True)
         ws = _WorkingSet(self, batch, rows)
+        probs = self._learn(ws, y, offset, -(-n // self.micro_batch))
+        ws.write_back()
+        return StepResult(probs, np.asarray(labels), rows, batch)
+
+    def _learn(self, ws: _WorkingSet, y: np.ndarray, offset: np.ndarray,
+               n_slices: int) -> np.ndarray:
+        """Learn the working set's examples in ``n_slices`` slices of ``micro_batch``; the
+        predictions made before learning. Slices past the last example step the dense part on
+        no examples (:meth:`_dense_update` with ``loss=None``): a trainer rank joins every
+        all-reduce of a step even when its share of the step is shorter or empty."""
+        n = len(y)
         kinds, lrs, betas, l1s, l2s = self._optimizer_params()
         probs = np.empty(n, dtype=np.float64)
         wide_logit = np.empty(n, dtype=np.float64)
         scratch = np.empty(self.width, dtype=np.float32)
-        for lo in range(0, n, self.micro_batch):
-            hi = min(lo + self.micro_batch, n)
+        for i in range(n_slices):
+            lo, hi = min(i * self.micro_batch, n), min((i + 1) * self.micro_batch, n)
+            if lo == hi:
+                self._dense_update(None, i)
+                continue
             x = np.empty((hi - lo, self.width), dtype=np.float32)
             wide.pool_examples(ws.W, ws.loc, ws.offs, lo, hi, self.starts, self.dims, x)
             deep = self.model(torch.from_numpy(x))
@@ -220,8 +246,12 @@ class OnlineLearner:
             rest = torch.from_numpy((wide_logit[lo:hi] + offset[lo:hi]).astype(np.float32))
             loss = F.binary_cross_entropy_with_logits(
                 deep + rest, torch.from_numpy(y[lo:hi].astype(np.float32)))
-            self.optimizer.zero_grad(set_to_none=True)
+            self._dense_update(loss, i)
+        return probs
+
+    def _dense_update(self, loss: torch.Tensor | None, slice_index: int) -> None:
+        """One dense optimizer step on ``loss`` (the single process never passes ``None``)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss is not None:
             loss.backward()
-            dense_step(self.optimizer)
-        ws.write_back()
-        return StepResult(probs, np.asarray(labels), rows, batch)
+        dense_step(self.optimizer)

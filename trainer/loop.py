@@ -116,12 +116,13 @@ class Trainer:
 
     def __init__(self, settings: Settings, config: ModelConfig,
                  metrics: TrainerMetrics | None = None,
-                 hooks: list[BatchHook] | None = None) -> None:
+                 hooks: list[BatchHook] | None = None,
+                 learner: OnlineLearner | None = None) -> None:
         self.settings = settings
         self.config = config
         self.metrics = metrics or TrainerMetrics()
-        self.learner = OnlineLearner(config, seed=settings.trainer_seed,
-                                     micro_batch=settings.trainer_micro_batch)
+        self.learner = learner or OnlineLearner(config, seed=settings.trainer_seed,
+                                                micro_batch=settings.trainer_micro_batch)
         self.window = ProgressiveWindow(settings.trainer_progressive_window)
         self.hooks: list[BatchHook] = list(hooks or [])
         self.publisher: PublishHook | None = None
@@ -454,15 +455,16 @@ class Trainer:
             self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in events))
             self._audit.flush()
 
-    def sweep(self) -> dict[str, np.ndarray]:
-        """Expire rows by the event clock, at most ``trainer_max_expiry_fraction`` per table.
+    def sweep(self, now: float | None = None) -> dict[str, np.ndarray]:
+        """Expire rows by the event clock (or ``now``, a watermark shared by trainer ranks), at
+        most ``trainer_max_expiry_fraction`` per table.
 
         When more would expire, only the oldest share goes (the expiry time is lowered to the
         matching last-seen quantile) and ``expiry_capped_total`` counts it: a genuine catch-up
         (a long outage) completes over a few sweeps, a pushed clock raises an alert before the
         table is gone. Items whose rows expired lose their exploration statistics too.
         """
-        now = self.clock.now
+        now = self.clock.now if now is None else now
         if not math.isfinite(now):
             return {}
         self.metrics.event_clock.set(now)

@@ -6,6 +6,8 @@ import logging
 import signal
 import threading
 
+import torch.distributed
+
 from featurestore.schema import load_model_config
 from freshrec.health import serve_metrics_and_health
 from freshrec.kafka import create_topics
@@ -13,6 +15,7 @@ from freshrec.metrics import TrainerMetrics, report_thread_pools
 from freshrec.runtime import apply_thread_budget, cpu_budget, thread_pools, tune_gc
 from freshrec.settings import Settings
 from trainer.loop import Trainer
+from trainer.ranks import build_ranked_trainer, ranks_from_env
 
 log = logging.getLogger("freshrec.trainer")
 
@@ -54,7 +57,11 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     if settings.trainer_metrics_port:
         serve_metrics_and_health(settings.trainer_metrics_port, metrics.registry,
                                  metrics.heartbeat, settings.trainer_liveness_timeout_s)
-    trainer = build_trainer(settings, metrics)
+    ranks = ranks_from_env(settings)
+    if ranks is None:
+        trainer = build_trainer(settings, metrics)
+    else:
+        trainer = build_ranked_trainer(settings, ranks, metrics)
     report_thread_pools(metrics.threads, thread_pools())  # after the learner sized torch
     tune_gc()
     stop = stop or threading.Event()
@@ -64,4 +71,6 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     log.info("trainer consuming %s as %s", settings.topic_events, settings.trainer_group_id)
     trainer.run(stop)
     log.info("trainer stopped: %s", trainer.stats())
+    if ranks is not None:
+        torch.distributed.destroy_process_group()
     return 0

@@ -1,0 +1,197 @@
+"""``freshrec trainer`` as R ranks on torch.distributed (gloo on CPU, NCCL is not used).
+
+Launched by ``torchrun`` (or anything that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
+``MASTER_PORT``, such as ``torch.multiprocessing.spawn`` in tests). With ``WORLD_SIZE`` unset or
+1 the ordinary single-process :class:`~trainer.loop.Trainer` runs, unchanged.
+
+Rank ``r`` of ``R``:
+
+- ``assign()``s the events-topic partitions ``p % R == r`` (no group rebalancing between
+  ranks; the group id is only where offsets are committed for lag monitoring);
+- owns the embedding rows of buckets ``k % R == r`` (:class:`~trainer.sharded.ShardedLearner`);
+- checkpoints into ``<trainer_checkpoint_dir>/rank-<r>`` (its rows, the dense weights, its
+  partitions' offsets), at the step rank 0 chose, so all ranks checkpoint the same step.
+
+Steps are driven by time: each rank consumes for at most ``trainer_batch_max_wait_ms``, and
+then every rank takes the step, an idle one with no examples. A step starts with one
+``all_gather`` of a small header (examples in hand, stop request, events done, event-time
+watermark, rank 0's sweep and checkpoint decisions); nothing else decides whether a rank joins
+a collective, so the collectives cannot go out of step and an idle partition cannot stall
+the others.
+
+Expiry follows one watermark: the minimum of the ranks' event clocks (ranks without events yet
+have no say), so no owner expires a row that a rank still behind in event time could use.
+
+Not in ranks yet: publishing (each rank's buckets to its own chains, rank 0 the head),
+exploration statistics, the per-event isolation of a failing batch (a failure stops the rank,
+and the others stop at the collective's timeout), and a barrier between the ranks' checkpoints
+and their offset commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from confluent_kafka import TopicPartition
+
+from featurestore.schema import ModelConfig, load_model_config
+from freshrec.kafka import assign_from
+from freshrec.metrics import TrainerMetrics
+from freshrec.settings import Settings
+from trainer.loop import Trainer
+from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks, ShardedLearner
+
+log = logging.getLogger("freshrec.trainer")
+
+# A rank that stops answering (crashed, stuck) fails the others' collectives after this long.
+COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+
+
+def ranks_from_env(settings: Settings) -> Ranks | None:
+    """This process's :class:`Ranks` from torchrun's variables; ``None`` for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return Ranks(int(os.environ["RANK"]), world,
+                 settings.snapshot_buckets or DEFAULT_RANK_BUCKETS)
+
+
+def join_process_group(ranks: Ranks) -> None:
+    """Join the gloo group (``MASTER_ADDR``/``MASTER_PORT`` rendezvous) unless joined."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world,
+                                timeout=COLLECTIVE_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class StepHeader:
+    """What every rank told the others at the start of a step."""
+
+    examples: np.ndarray  # per rank
+    stop: bool  # any rank asked to stop
+    done: int  # events trained or dead-lettered by all ranks, this step included
+    watermark: float  # shared event-time watermark (-inf until any rank has one)
+    sweep: bool  # rank 0's decisions, taken by all
+    checkpoint: bool
+
+
+class RankedTrainer(Trainer):
+    """One rank of the trainer: its partitions, its buckets, the shared dense model."""
+
+    def __init__(self, settings: Settings, config: ModelConfig, ranks: Ranks,
+                 metrics: TrainerMetrics | None = None) -> None:
+        settings = settings.model_copy(update={
+            "trainer_checkpoint_dir": settings.trainer_checkpoint_dir / f"rank-{ranks.rank}"})
+        learner = ShardedLearner(config, ranks, seed=settings.trainer_seed,
+                                 micro_batch=settings.trainer_micro_batch)
+        super().__init__(settings, config, metrics, hooks=[], learner=learner)
+        self.ranks = ranks
+        self.steps = 0
+        self.empty_steps = 0
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _header(self, examples: int, stop: bool, now: float) -> StepHeader:
+        clock = self.clock.now
+        mine = torch.tensor([
+            examples, float(stop), self.trained + self.dead_lettered + examples,
+            clock if math.isfinite(clock) else math.nan,
+            float(now - self._last_sweep >= self.settings.trainer_sweep_interval_s),
+            float(now - self._last_checkpoint >= self.settings.trainer_checkpoint_interval_s),
+        ], dtype=torch.float64)
+        everyone = [torch.empty_like(mine) for _ in range(self.ranks.world)]
+        dist.all_gather(everyone, mine)
+        h = torch.stack(everyone).numpy()
+        clocks = h[:, 3][np.isfinite(h[:, 3])]
+        return StepHeader(examples=h[:, 0].astype(np.int64), stop=bool(h[:, 1].any()),
+                          done=int(h[:, 2].sum()),
+                          watermark=float(clocks.min()) if len(clocks) else -math.inf,
+                          sweep=bool(h[0, 4]), checkpoint=bool(h[0, 5]))
+
+    def step(self, stop: bool) -> StepHeader:
+        """Consume for at most the batch wait, then take the step with every other rank."""
+        self.metrics.heartbeat.beat()
+        started = time.perf_counter()
+        messages = self._consumer.consume(num_messages=self.settings.trainer_batch_max_events,
+                                          timeout=self.settings.trainer_batch_max_wait_ms / 1e3)
+        wall = time.time()
+        parsed = self._parse_clean(messages, wall)
+        events = parsed if parsed is not None else self._parse_each(messages, wall)[0]
+        header = self._header(len(events), stop, time.monotonic())
+        self.learner.step_counts = header.examples
+        if events:
+            self.learn(events)
+        else:
+            self.empty_steps += 1
+            self.learner.step_batch(self.learner.featurizer.featurize_events([]),
+                                    np.zeros(0), np.zeros(0))
+        self.steps += 1
+        self._dlq.poll(0)
+        if messages:
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        self._housekeeping(header)
+        return header
+
+    def _housekeeping(self, header: StepHeader) -> None:
+        now = time.monotonic()
+        if header.sweep:
+            self.sweep(header.watermark)
+            self._last_sweep = now
+        if now - self._last_gauges >= 1.0:
+            self._update_gauges()
+            self._rewind_truncated()
+            self._last_gauges = now
+        if header.checkpoint:
+            self.checkpoint()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def assign(self) -> list[int]:
+        """Assign this rank's partitions of the events topic, from the checkpoint's offsets."""
+        topic = self.settings.topic_events
+        meta = self._consumer.list_topics(topic, timeout=10).topics[topic]
+        mine = self.ranks.partitions(len(meta.partitions))
+        assign_from(self._consumer, [TopicPartition(topic, p) for p in mine], self.offsets)
+        log.info("rank %d/%d: partitions %s, %d buckets of %d", self.ranks.rank,
+                 self.ranks.world, mine, len(self.ranks.owned_buckets()),
+                 self.ranks.n_buckets)
+        return mine
+
+    def run(self, stop: threading.Event | None = None, max_events: int | None = None) -> None:
+        """Take steps with the other ranks until any rank is stopped (or ``max_events`` are
+        done over all ranks); checkpoint on the way out."""
+        stop = stop or threading.Event()
+        self.assign()
+        self.ensure_checkpoint()
+        self.learner.warm_up()
+        try:
+            while True:
+                header = self.step(stop.is_set())
+                if header.stop or (max_events is not None and header.done >= max_events):
+                    break
+        except BaseException:
+            # The state may be half-learned, or the other ranks gone: no checkpoint of it.
+            # Every rank restarts from its last checkpoint, which all ranks took at one step.
+            self._consumer.close()
+            self._dlq.flush(10)
+            raise
+        self.close()
+
+
+def build_ranked_trainer(settings: Settings, ranks: Ranks,
+                         metrics: TrainerMetrics | None = None) -> RankedTrainer:
+    """Join the process group, then a rank restored from its own checkpoint."""
+    join_process_group(ranks)
+    trainer = RankedTrainer(settings, load_model_config(settings.model_config_path), ranks,
+                            metrics)
+    trainer.restore()
+    return trainer
