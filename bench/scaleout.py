@@ -1,0 +1,183 @@
+"""Scale-out benchmark: 1 trainer process vs 2 trainer ranks, from Kafka, on this machine.
+
+    .venv/bin/python bench/scaleout.py --quick   # 60,000 synthetic events
+    .venv/bin/python bench/scaleout.py           # 300,000
+
+One Tansu broker (2-partition events topic, keyed by user) started here; then, on the same
+events, in this order:
+
+* 1 rank: the ordinary ``freshrec trainer`` loop (:class:`trainer.loop.Trainer`, publisher
+  off) in a child process;
+* 2 ranks: :class:`trainer.ranks.RankedTrainer` in two child processes on gloo, as torchrun
+  would start them.
+
+Throughput is events / (last step with events - first step with events), from the ranks'
+wall clocks (the group join and start-up are excluded alike). The 2-rank state is compared to
+the 1-rank state with :mod:`trainer.rank_check` (``equal_to_one_rank``), and every rank counts
+the bytes it sent in the step's collectives. Writes ``bench/results/scaleout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results_file import RESULTS
+from featurestore.schema import load_model_config
+from featurestore.table import TableSet
+from freshrec.devstack import LocalStack
+from freshrec.replay import replay
+from freshrec.settings import Settings
+from freshrec.synthetic import SyntheticConfig, SyntheticStream
+from trainer.checkpoint import Checkpointer, load_arrays
+from trainer.rank_check import RankState, distance, load_rank_states
+
+WORLD = 2
+
+
+def _timed_steps(trainer: Any, method: str, marks: dict[str, float]) -> None:
+    """Wrap ``trainer.<method>`` to stamp the wall time of the first and last batch with
+    events (``learn`` is called with events only)."""
+    inner = getattr(trainer, method)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        marks.setdefault("first", time.time())
+        result = inner(*args, **kwargs)
+        marks["last"] = time.time()
+        return result
+
+    setattr(trainer, method, timed)
+
+
+def one_rank(settings: Settings, total: int, out: str) -> None:
+    """The single-process trainer, as shipped (no publisher), until ``total`` events."""
+    from freshrec.runtime import tune_gc
+    from trainer.loop import Trainer
+
+    trainer = Trainer(settings, load_model_config(settings.model_config_path))
+    tune_gc()
+    marks: dict[str, float] = {}
+    _timed_steps(trainer, "learn", marks)
+    trainer.run(max_events=total)
+    Path(out, "one.json").write_bytes(orjson.dumps({"trained": trainer.trained, **marks}))
+
+
+def rank_main(rank: int, settings: Settings, port: int, total: int, out: str) -> None:
+    """One of the ranks (``torch.multiprocessing.spawn`` target)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    import torch.distributed as dist
+
+    from freshrec.runtime import tune_gc
+    from trainer.ranks import build_ranked_trainer, ranks_from_env
+
+    ranks = ranks_from_env(settings)
+    assert ranks is not None
+    trainer = build_ranked_trainer(settings, ranks)
+    tune_gc()
+    marks: dict[str, float] = {}
+    _timed_steps(trainer, "learn", marks)
+    trainer.run(max_events=total)
+    sent = trainer.learner.sent
+    Path(out, f"rank-{rank}.json").write_bytes(orjson.dumps({
+        "trained": trainer.trained, "steps": trainer.steps, "empty_steps": trainer.empty_steps,
+        "all_to_all_bytes": sent.all_to_all, "all_reduce_bytes": sent.all_reduce, **marks}))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="60,000 events")
+    args = parser.parse_args()
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    total = 60_000 if args.quick else 300_000
+    topic = f"bench-scaleout-{uuid.uuid4().hex[:6]}"
+    events = SyntheticStream(SyntheticConfig(seed=3)).events(total)
+    work = Path(tempfile.mkdtemp(prefix="scaleout-"))
+    with LocalStack(topics=(topic, topic + ".dlq"), partitions=WORLD) as stack:
+        summary = replay(events, stack.kafka_bootstrap, topic, total=total, progress=False)
+        if summary.failed:
+            raise RuntimeError(f"producing: {summary.errors[:3]}")
+        base = Settings(kafka_bootstrap=stack.kafka_bootstrap, redis_url=stack.redis_url,
+                        topic_events=topic, topic_dlq=topic + ".dlq", topic_partitions=WORLD,
+                        trainer_metrics_port=0)
+        one_settings = base.model_copy(update={
+            "trainer_group_id": f"{topic}-one", "trainer_checkpoint_dir": work / "one"})
+        child = multiprocessing.get_context("spawn").Process(
+            target=one_rank, args=(one_settings, total, str(work)))
+        child.start()
+        child.join(900)
+        if child.exitcode != 0:
+            raise RuntimeError(f"the 1-rank trainer failed ({child.exitcode})")
+        rank_settings = base.model_copy(update={
+            "trainer_group_id": f"{topic}-ranks", "trainer_checkpoint_dir": work / "ranks"})
+        mp.spawn(rank_main, args=(rank_settings, _free_port(), total, str(work)),
+                 nprocs=WORLD)
+    one = orjson.loads((work / "one.json").read_bytes())
+    ranks = [orjson.loads((work / f"rank-{r}.json").read_bytes()) for r in range(WORLD)]
+    config = load_model_config(base.model_config_path)
+    ckpt = Checkpointer(work / "one").latest()
+    assert ckpt is not None
+    d = distance(RankState(TableSet.load(ckpt.path / "tables", config),
+                           load_arrays(ckpt.path / "dense")),
+                 load_rank_states(work / "ranks", WORLD, config))
+    rate_1 = one["trained"] / (one["last"] - one["first"])
+    trained_2 = sum(r["trained"] for r in ranks)
+    rate_2 = trained_2 / (max(r["last"] for r in ranks) - min(r["first"] for r in ranks))
+    out = {
+        "mode": "quick" if args.quick else "full",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "stream": f"synthetic (seed 3), {total} events, 2 partitions keyed by user",
+        "ranks": WORLD,
+        "events_per_s_1": round(rate_1),
+        "events_per_s_2": round(rate_2),
+        "scaling_2_vs_1": round(rate_2 / rate_1, 3),
+        "equal_to_one_rank": d.equal,
+        "distance_to_one_rank": {"same_ids": d.same_ids, "max_row_diff": d.max_row_diff,
+                                 "max_norm_diff": d.max_norm_diff,
+                                 "max_dense_diff": d.max_dense_diff,
+                                 "dense_identical_across_ranks":
+                                     d.dense_identical_across_ranks},
+        "all_to_all_bytes_per_event": round(sum(r["all_to_all_bytes"] for r in ranks)
+                                            / trained_2, 1),
+        "all_reduce_bytes_per_event": round(sum(r["all_reduce_bytes"] for r in ranks)
+                                            / trained_2, 1),
+        "steps_per_rank": [r["steps"] for r in ranks],
+        "empty_steps_per_rank": [r["empty_steps"] for r in ranks],
+        "events_per_rank": [r["trained"] for r in ranks],
+        "not_measured": ["redis_masters", "served_buckets_on_masters",
+                         "lost_updates_during_reshard", "lost_events_after_rank_kill",
+                         "recovery_s"],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scaleout.json").write_text(json.dumps(out, indent=1) + "\n")
+    width = max(map(len, out))
+    for k, v in out.items():
+        if k != "machine":
+            print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
