@@ -184,6 +184,10 @@ class RankedTrainer(Trainer):
             self._consumer.close()
             self._dlq.flush(10)
             raise
+        if not self.offsets:
+            # An idle rank still owns rows (it served them to the others): close() checkpoints
+            # only a rank that consumed something, so this one checkpoints here.
+            self.checkpoint()
         self.close()
 
 
