@@ -144,7 +144,8 @@ class PartitionedClock:
     ahead of another), so a clock over the merged stream runs ahead of the partition that lags,
     and the caller treats its events as already passed. The minimum over partitions seen so far
     is the event time that every partition has reached (Kafka Streams and Flink take the same
-    minimum). A partition that never delivered anything is not waited for.
+    minimum). A partition that never delivered anything is not waited for, unless announced
+    with :meth:`expect` (an assigned partition whose backlog has not been read yet).
 
     >>> c = PartitionedClock(window=4)
     >>> c.observe(0, 100.0); c.observe(1, 50.0)
@@ -174,6 +175,27 @@ class PartitionedClock:
         if after != before:
             self._now = min(c.now for c in self._clocks.values())
         return self._now
+
+    def expect(self, partitions: list[int]) -> None:
+        """Wait for ``partitions`` too (assigned, nothing read yet): until each delivers an
+        event or :meth:`forget_empty` drops it, ``now`` stays ``-inf``."""
+        for p in partitions:
+            if p not in self._clocks:
+                self._clocks[p] = EventClock(self.window, self.quantile)
+        self._recompute()
+
+    def forget_empty(self) -> None:
+        """Stop waiting for the partitions that have delivered nothing (empty, or silent)."""
+        for p in [p for p, c in self._clocks.items() if c.now == -math.inf]:
+            del self._clocks[p]
+        self._recompute()
+
+    def _recompute(self) -> None:
+        self._now = min((c.now for c in self._clocks.values()), default=-math.inf)
+
+    def partition_times(self) -> dict[int, float]:
+        """Each partition's own watermark (partitions that have delivered an event)."""
+        return {p: c.now for p, c in self._clocks.items()}
 
     def clamp(self, upper: float) -> None:
         """Cap every partition's clock at ``upper``."""

@@ -19,6 +19,7 @@ import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -176,6 +177,9 @@ class JoinerMetrics:
             self.clicked_items.labels(explored)
         self.early_clicks = Gauge(p + "early_clicks", "Clicks waiting for the impressions "
                                   "stream to reach their time.", registry=r)
+        self.paused_partitions = Gauge(p + "paused_partitions", "Impression partitions paused "
+                                       "because they ran more than a window ahead of the "
+                                       "clicks (catching up a backlog).", registry=r)
         self.dropped = Counter(p + "dropped_total", "Input dropped to keep memory bounded, by "
                                "reason (early_clicks_full: the click was joined before its "
                                "time).", ["reason"], registry=r)
@@ -225,6 +229,23 @@ class HistogramTally:
                 h._buckets[i].inc(n)
                 self._counts[i] = 0
         self._sum, self._n = 0.0, 0
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every ``v`` in ``values``, bucketed in one numpy pass.
+
+    The joiner observes one join delay per label, hundreds of thousands a second; one
+    ``observe`` takes a lock (~1.5 us). Same buckets as ``observe`` (the first bound >= the
+    value, i.e. ``searchsorted(side="left")``; a NaN goes to the sum only).
+    """
+    if not len(values):
+        return
+    bounds = histogram._upper_bounds
+    finite = values[~np.isnan(values)]
+    counts = np.bincount(np.searchsorted(bounds, finite, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(values.sum()))
+    for i in np.flatnonzero(counts).tolist():
+        histogram._buckets[i].inc(int(counts[i]))
 
 
 class ScoreTally:

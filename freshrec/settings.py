@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     joiner_negative_sample_rate: Annotated[float, Field(gt=0, le=1)] = 1.0
     joiner_max_pending: PositiveInt = 2_000_000
     joiner_lateness_s: Annotated[float, Field(ge=0)] = 2.0
+    # A click partition whose event-time clock has not moved for this long counts as idle (read
+    # to its end, or silent): windows then close one window behind the impressions instead of
+    # waiting for it. Longer than a fetch round trip (fetch.wait.max.ms is 0.5 s).
+    joiner_click_idle_s: PositiveFloat = 2.0
     joiner_group_id: str = "freshrec-joiner"
     joiner_checkpoint_dir: Path = Path("var/joiner-checkpoints")
     joiner_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9102

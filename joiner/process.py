@@ -12,10 +12,18 @@ time, so one skewed event cannot close every window at once, and a partition rea
 another (backlog after a restart) does not release clicks before their impressions are read.
 The two topics are consumed independently, so a click can be read before its impression.
 Such a click waits (saved with the state in checkpoints) until the impressions stream passes its
-time. Windows close on the watermark: the older of the two streams' newest event times (a silent
-click stream counts as one window behind), minus ``joiner_lateness_s``. When input stops for a
-whole window while partitions are assigned, the watermark moves on with wall time, so the last
+time. Windows close on the watermark: the older of the two streams' clocks, minus
+``joiner_lateness_s``. A click partition is waited for while its clock moves; one whose clock
+has not moved for ``joiner_click_idle_s`` (read to its end, or silent) counts as one window
+behind the impressions, so windows still close when clicks stop. When input stops for a whole
+window while partitions are assigned, the watermark moves on with wall time, so the last
 impressions' windows still close; waiting for a partition assignment is not quiet input.
+
+Flow control: catching up a backlog, the consumer reads the two topics at different speeds.
+An impression partition whose clock runs more than a window ahead of the click partitions that
+are still moving is paused until they come within half a window (Kafka Streams aligns its
+inputs' stream times the same way); the click stream's own progress, not the broker's high
+watermark, tells a lagging click stream from a finished one.
 
 Delivery: examples and dead letters are flushed before a checkpoint stores the joiner state and
 the consumed offsets, and only then are offsets committed — a crash re-reads input that the
@@ -26,13 +34,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import signal
 import threading
 import time
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from featurestore.events import (
     AnyClick,
@@ -53,7 +62,7 @@ from freshrec.kafka import (
     producer_config,
     records,
 )
-from freshrec.metrics import JoinerMetrics, report_thread_pools
+from freshrec.metrics import JoinerMetrics, observe_many, report_thread_pools
 from freshrec.runtime import apply_thread_budget, cpu_budget, tune_gc
 from freshrec.settings import Settings
 from joiner.join import ClickOutcome, Joiner
@@ -99,9 +108,18 @@ class JoinerProcess:
         self._early: list[tuple[float, int, bytes, bytes | None, str, int, int,
                                 AnyClick | None]] = []
         self._early_seq = 0
-        self._last_input = time.monotonic()
+        # Monotonic time, injectable: idleness is measured in it.
+        self._monotonic = time.monotonic
+        self._last_input = self._monotonic()
         self._idle_advance = 0.0
         self._assigned = False
+        # Per click partition: when its clock last moved (or it was assigned), and its clock then.
+        self._click_moved: dict[int, float] = {}
+        self._click_seen: dict[int, float] = {}
+        # Impression partitions paused because they ran ahead of the clicks (flow control).
+        self._paused: set[int] = set()
+        self._imp_partitions: set[int] = set()
+        self._expecting_since: float | None = None
         # Metric increments of the current batch, added once per batch: a prometheus_client
         # increment takes a lock (~1.5 us), more than the join of one shown item.
         self._click_outcomes: dict[str, int] = {}
@@ -165,9 +183,24 @@ class JoinerProcess:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         assign_from(consumer, partitions, self.offsets)
         # Idle time only counts once we can read: waiting for a group join is not quiet input.
-        self._last_input = time.monotonic()
+        now = self._monotonic()
+        self._last_input = now
         self._idle_advance = 0.0
         self._assigned = True
+        # A new assignment is unpaused. Every assigned click partition is waited for until its
+        # clock has stood still for joiner_click_idle_s: a backlog's clicks are not read yet.
+        s = self.settings
+        self._paused.clear()
+        self._imp_partitions = {tp.partition for tp in partitions
+                                if tp.topic == s.topic_impressions}
+        self._click_moved = {tp.partition: now for tp in partitions
+                             if tp.topic == s.topic_clicks}
+        # Until they deliver (or stay silent for joiner_click_idle_s), the assigned partitions
+        # hold both clocks back: a partition read first must not release clicks, or close
+        # windows, ahead of another whose backlog is not read yet.
+        self._imp_clock.expect(sorted(self._imp_partitions))
+        self._click_clock.expect(sorted(self._click_moved))
+        self._expecting_since = now
 
     def _produce(self, topic: str, value: bytes, key: bytes | None,
                  headers: list[tuple[str, bytes]] | None = None) -> None:
@@ -311,7 +344,7 @@ class JoinerProcess:
 
     def tick(self) -> None:
         """Advance the watermark, emit closed windows, refresh gauges, checkpoint when due."""
-        now = time.monotonic()
+        now = self._monotonic()
         idle = now - self._last_input
         # Quiet for a whole window: nothing in flight can still join, let wall time close it.
         quiet = max(self.settings.joiner_lateness_s, self.settings.joiner_window_s)
@@ -319,25 +352,101 @@ class JoinerProcess:
             self._idle_advance = idle - quiet
         if self._idle_advance > 0:
             self._release_early(float("inf"))  # quiet for a window: no impression is coming
-        # Both streams must have passed a window's end before it closes; a silent click stream
+        if (self._expecting_since is not None
+                and now - self._expecting_since >= self.settings.joiner_click_idle_s):
+            self._imp_clock.forget_empty()  # assigned partitions with nothing to read
+            self._click_clock.forget_empty()
+            self._expecting_since = None
+            if self._early:
+                self._release_early(self._imp_clock.now)
+        # Both streams must have passed a window's end before it closes; an idle click partition
         # is assumed at most one window behind the impressions.
         s = self.settings
         imp_at = self._imp_clock.now
-        clicks_at = max(self._click_clock.now, imp_at - s.joiner_window_s)
+        moving_at = self._moving_clicks_at(now)
+        clicks_at = min(moving_at, max(self._click_clock.now, imp_at - s.joiner_window_s))
         watermark = min(imp_at, clicks_at) - s.joiner_lateness_s + self._idle_advance
+        self._align(moving_at)
         self._emit(self.joiner.advance(watermark))
         self._flush_counts()
         self.metrics.pending.set(self.joiner.pending)
         self._export_exploration()
         self.metrics.early_clicks.set(len(self._early))
-        for delay in self.joiner.drain_join_delays():
-            self.metrics.join_delay.observe(float(delay))
+        observe_many(self.metrics.join_delay, self.joiner.drain_join_delays())
         self._producer.poll(0)
         if now - self._last_truncation_check >= 1.0:
             self._rewind_truncated()
             self._last_truncation_check = now
         if now - self._last_checkpoint >= self.settings.joiner_checkpoint_interval_s:
             self.checkpoint()
+
+    def _moving_clicks_at(self, now: float) -> float:
+        """The oldest clock among the click partitions still waited for (``inf`` if none).
+
+        A click partition is waited for while its clock moves (it moved within
+        ``joiner_click_idle_s``) and, for at most a window after it last moved (or was
+        assigned), while it is known to hold records we have not read or its end is not known
+        yet: its first fetch can come seconds after the impressions'. The high watermark is
+        only taken as proof of unread records (above our position), never as proof of having
+        read everything: some brokers report it low. Called once per batch.
+        """
+        idle_s, window = self.settings.joiner_click_idle_s, self.settings.joiner_window_s
+        seen, moved = self._click_seen, self._click_moved
+        for partition, at in self._click_clock.partition_times().items():
+            if at > seen.get(partition, -math.inf):
+                seen[partition] = at
+                moved[partition] = now
+        oldest = math.inf
+        topic = self.settings.topic_clicks
+        for partition, when in moved.items():
+            still = now - when
+            if still >= idle_s and (still >= window or not self._unread(topic, partition)):
+                continue
+            oldest = min(oldest, seen.get(partition, -math.inf))
+        return oldest
+
+    def _unread(self, topic: str, partition: int) -> bool:
+        """Whether ``partition`` may hold records beyond our position: its high watermark (as
+        last fetched) is above it, or not known yet. False when not assigned here."""
+        if not self._assigned:
+            return False
+        try:
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True)
+        except KafkaException:
+            return False
+        if high < 0:
+            return True  # nothing fetched yet
+        return high > self.offsets.get((topic, partition), max(low, 0))
+
+    def _align(self, moving_clicks_at: float) -> None:
+        """Pause impression partitions more than a window ahead of the moving click partitions;
+        resume them within half a window, or when no click partition moves any more.
+
+        Only moving clicks hold impressions back, so a stalled or finished click stream cannot
+        park them. Paused partitions keep their position (librdkafka resumes after the last
+        message handed out), and whatever was consumed before the pause is still handled.
+        """
+        if not self._assigned:
+            return
+        window = self.settings.joiner_window_s
+        topic = self.settings.topic_impressions
+        pause, resume = [], []
+        for partition, at in self._imp_clock.partition_times().items():
+            if partition not in self._imp_partitions:
+                continue
+            if partition in self._paused:
+                if at - moving_clicks_at <= window / 2:
+                    resume.append(partition)
+            elif at - moving_clicks_at > window:
+                pause.append(partition)
+        if pause:
+            self._consumer.pause([TopicPartition(topic, p) for p in pause])
+            self._paused.update(pause)
+        if resume:
+            self._consumer.resume([TopicPartition(topic, p) for p in resume])
+            self._paused.difference_update(resume)
+        self.metrics.paused_partitions.set(len(self._paused))
 
     def _rewind_truncated(self) -> None:
         """Resume from the start of an input partition whose log restarted below our position.
@@ -361,7 +470,7 @@ class JoinerProcess:
                 messages = self._consumer.consume(10_000, timeout=0.05)
                 self.handle_batch(messages)
                 if messages:
-                    self._last_input = time.monotonic()
+                    self._last_input = self._monotonic()
                     self._idle_advance = 0.0
                 self.tick()
         finally:

@@ -29,3 +29,20 @@ def test_table_totals_are_counters_that_follow_the_tables() -> None:
     m.table_totals("user", admitted=4, evicted=2, rejected=7)
     m.table_totals("user", admitted=6, evicted=2, rejected=7)
     assert _value(m, 'freshrec_trainer_table_admitted_total{slot="user"}') == 11
+
+
+def test_observe_many_buckets_as_observe_does() -> None:
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from freshrec.metrics import observe_many
+
+    values = np.array([0.05, 0.1, 0.1000001, 1.0, 7.0, 5000.0, -3.0])
+    one, many = (Histogram(name, "h", buckets=(0.1, 1, 5, 30), registry=CollectorRegistry())
+                 for name in ("one", "many"))
+    for v in values:
+        one.observe(float(v))
+    observe_many(many, values)
+    samples = [[(s.name.split("_", 1)[1], s.labels, s.value) for s in h.collect()[0].samples
+                if not s.name.endswith("_created")] for h in (one, many)]
+    assert samples[0] == samples[1]

@@ -119,3 +119,52 @@ def test_joiner_labels_survive_kill_9_mid_window(settings: Settings, tmp_path: P
     assert any(r.startswith("orphan click") for r in reasons)
     assert any("json" in r.lower() for r in reasons)
     assert any("features" in r for r in reasons)
+
+
+def test_a_backlog_caught_up_joins_every_click(settings: Settings) -> None:
+    """Both topics written before the joiner starts, across many windows: the impressions are
+    read faster than the clicks, and no window may close before its clicks are read."""
+    import threading
+
+    import numpy as np
+
+    from joiner.process import JoinerProcess
+
+    rng = np.random.default_rng(3)
+    t0 = time.time() - 3600
+    n, per_s = 3000, 100.0  # 30 s of event time: six 5 s windows
+    imps, clicks, expected = [], [], {}
+    for r in range(n):
+        rid, ts = f"r{r}", t0 + r / per_s
+        # Wide impressions, narrow clicks: the impressions topic is most of the bytes.
+        imps.append(Impression(
+            request_id=rid, ts=ts, user_id=f"u{r}", model_version=1,
+            features={f"f{k}": "x" * 20 for k in range(20)},
+            items=[ShownItem(item_id=f"i{k}", position=k, score=1.0, pctr=0.1,
+                             features={"genres": ["Drama", "Comedy"]}) for k in range(5)]))
+        expected.update({f"{rid}:i{k}": 0 for k in range(5)})
+        for k in np.flatnonzero(rng.random(5) < 0.2).tolist():
+            clicks.append(Click(event_id=f"c{r}-{k}", ts=ts + float(rng.uniform(0, 4)),
+                                user_id=f"u{r}", item_id=f"i{k}",
+                                request_id=rid if k % 4 else None))
+            expected[f"{rid}:i{k}"] = 1
+    clicks.sort(key=lambda c: c.ts)
+    bootstrap = settings.kafka_bootstrap
+    # One key: each topic's backlog is one partition, the other partition of each is empty.
+    produce(bootstrap, settings.topic_impressions, [i.to_json() for i in imps])
+    produce(bootstrap, settings.topic_clicks, [c.to_json() for c in clicks])
+
+    process = JoinerProcess(settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=process.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        got = labels_by_id(settings, len(expected), idle_s=15.0)
+    finally:
+        stop.set()
+        thread.join(30)
+    counts = process.joiner.counts()
+    assert (counts.clicks_joined, counts.clicks_orphan, counts.clicks_late) == \
+        (len(clicks), 0, 0)
+    assert {k: next(iter(v)) for k, v in got.items()} == expected
+    assert all(len(v) == 1 for v in got.values())

@@ -63,9 +63,15 @@ def run(process: JoinerProcess, msgs: list[Message], batch: int) -> dict:
     process._produce = lambda topic, value, key, headers=None: produced.append(
         (topic, orjson.loads(value) if topic != process.settings.topic_dlq else value, key,
          headers))
+    clock = [0.0]
+    process._monotonic = lambda: clock[0]
     for i in range(0, len(msgs), batch):
         process.handle_batch(msgs[i:i + batch])
         process.tick()
+    # The clicks stopped: once the click clock has stood still for joiner_click_idle_s, the
+    # windows behind the impressions close.
+    clock[0] += process.settings.joiner_click_idle_s
+    process.tick()
     counters = {(m.name, tuple(sorted(s.labels.items()))): s.value
                 for m in process.metrics.registry.collect() for s in m.samples
                 if s.name.endswith("_total")}

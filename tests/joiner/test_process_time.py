@@ -67,3 +67,41 @@ def test_a_partition_read_ahead_does_not_release_clicks_of_one_behind(
     assert not proc.dead
     assert any(e.event_id == "r500:a" and e.label == 1
                for e in proc.__dict__.get("emitted_events", []))
+
+
+def test_a_lagging_click_stream_holds_windows_and_pauses_impressions(
+        proc: JoinerProcess) -> None:
+    """A backlog: the impressions are read 30 s ahead while the clicks have not been read yet.
+    No window closes while the click stream is waited for or moving, the impressions partition
+    is paused meanwhile, and once the clicks stand still (for a window, as the click
+    partition's end was never fetched) the windows a window behind the impressions close and
+    the partition resumes."""
+    from confluent_kafka import TopicPartition
+
+    clock = [100.0]
+    proc._monotonic = lambda: clock[0]
+    proc._on_assign(proc._consumer, [TopicPartition("freshrec.impressions", 0),
+                                     TopicPartition("freshrec.clicks", 0)])
+    now = time.time() - 600
+    for i in range(300):  # 30 s of impressions, six windows
+        proc.handle(impression(i, now + i * 0.1))
+    proc.tick()
+    assert proc._paused == {0}
+    assert not proc.__dict__.get("emitted_events")  # the unread clicks are waited for
+
+    clock[0] += 1.0
+    proc.handle_batch([click(i, now + i * 0.1 + 1) for i in range(10)] + [click(150, now + 15.5)])
+    proc.tick()
+    counts = proc.joiner.counts()
+    assert (counts.clicks_joined, counts.clicks_late, counts.clicks_orphan) == (11, 0, 0)
+    assert proc._paused == {0}
+    assert all(e.label == 1 for e in proc.__dict__.get("emitted_events", []))
+
+    clock[0] += proc.settings.joiner_click_idle_s  # the clicks stopped, their end not known
+    proc.tick()
+    assert all(e.label == 1 for e in proc.__dict__.get("emitted_events", []))
+    clock[0] += proc.settings.joiner_window_s  # waited a window for the unknown end
+    proc.tick()
+    labels = {e.event_id: e.label for e in proc.__dict__["emitted_events"]}
+    assert labels["r20:a"] == 0 and labels["r5:a"] == 1
+    assert not proc._paused
