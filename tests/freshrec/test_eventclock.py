@@ -18,3 +18,17 @@ def test_observe_one_matches_observe_of_arrays() -> None:
         assert one.observe_one(float(t)) == arrays.observe([t]), k
     assert one.state() == arrays.state()
     assert np.nanmin(times) < one.now < np.nanmax(times[np.isfinite(times)])
+
+
+def test_expected_partitions_hold_the_clock_until_they_deliver_or_are_forgotten() -> None:
+    from freshrec.eventclock import PartitionedClock
+
+    c = PartitionedClock(window=4)
+    c.expect([0, 1])
+    assert c.observe(0, 100.0) == float("-inf")  # partition 1 has not delivered yet
+    c.forget_empty()
+    assert c.now == 100.0
+    c.expect([1])
+    assert c.now == float("-inf")
+    assert c.observe(1, 50.0) == 50.0
+    assert c.partition_times() == {0: 100.0, 1: 50.0}
