@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
-from bisect import bisect_left
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from freshrec.health import Heartbeat
 
@@ -183,10 +187,10 @@ class JoinerMetrics:
         self.dropped = Counter(p + "dropped_total", "Input dropped to keep memory bounded, by "
                                "reason (early_clicks_full: the click was joined before its "
                                "time).", ["reason"], registry=r)
-        self.join_delay = Histogram(p + "join_delay_seconds",
-                                    "Event-time delay from impression to emitted example.",
-                                    buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
-                                    registry=r)
+        self.join_delay = BulkHistogram(p + "join_delay_seconds",
+                                        "Event-time delay from impression to emitted example.",
+                                        buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600, 1800),
+                                        registry=r)
         self.log_truncations = Counter(p + "log_truncations_total",
                                        "Partitions found restarted below the joiner's position "
                                        "(topic recreated, broker data lost) and rewound to "
@@ -196,56 +200,72 @@ class JoinerMetrics:
 
 
 class HistogramTally:
-    """Observations of one unlabelled histogram, added up in plain Python until :meth:`flush`.
+    """Observations of one histogram, kept in plain Python until :meth:`flush` observes them.
 
-    Bucketed exactly as ``Histogram.observe`` does (the first bucket whose bound is >= the
-    value; a NaN goes to the sum only), so a flush leaves the histogram as one ``observe`` per
-    value would have. Not thread-safe: one thread (the event loop) observes and flushes.
+    In multiprocess mode every ``observe`` takes a lock, checks the pid and writes an mmap; a
+    request appends to a list instead, and the flush (about once a second, off the request
+    path) replays the values through the histogram's public ``observe``. The result is exactly
+    one ``observe`` per value. Not thread-safe: one thread (the event loop) observes and flushes.
     """
 
-    __slots__ = ("_bounds", "_counts", "_histogram", "_n", "_sum")
+    __slots__ = ("_histogram", "_values")
 
     def __init__(self, histogram: Histogram) -> None:
         self._histogram = histogram
-        # prometheus_client keeps an unlabelled histogram's bounds and per-bucket values here
-        self._bounds: list[float] = list(histogram._upper_bounds)
-        self._counts = [0] * len(self._bounds)
-        self._sum = 0.0
-        self._n = 0
+        self._values: list[float] = []
 
     def observe(self, value: float) -> None:
-        self._sum += value
-        self._n += 1
-        if value == value:  # not NaN
-            self._counts[bisect_left(self._bounds, value)] += 1
+        self._values.append(value)
 
     def flush(self) -> None:
-        if not self._n:
-            return
-        h = self._histogram
-        h._sum.inc(self._sum)
-        for i, n in enumerate(self._counts):
-            if n:
-                h._buckets[i].inc(n)
-                self._counts[i] = 0
-        self._sum, self._n = 0.0, 0
+        values, self._values = self._values, []
+        observe = self._histogram.observe
+        for v in values:
+            observe(v)
 
 
-def observe_many(histogram: Histogram, values: np.ndarray) -> None:
-    """``histogram.observe(v)`` for every ``v`` in ``values``, bucketed in one numpy pass.
+class BulkHistogram(Collector):
+    """A histogram fed whole numpy arrays at a time, exposed through the public collector API.
 
-    The joiner observes one join delay per label, hundreds of thousands a second; one
-    ``observe`` takes a lock (~1.5 us). Same buckets as ``observe`` (the first bound >= the
-    value, i.e. ``searchsorted(side="left")``; a NaN goes to the sum only).
+    The joiner observes one join delay per label, tens of thousands a second; one
+    ``Histogram.observe`` takes a lock (~1.5 us) per value, and adding to a Histogram's bucket
+    values directly would write prometheus_client's private fields. Here a batch is bucketed in
+    one numpy pass under one lock, and :meth:`collect` yields the usual ``_bucket``/``_count``/
+    ``_sum`` samples (cumulative, ``le`` bounds as ``Histogram`` formats them). For one
+    process' registry (the joiner's); multiprocess mode only aggregates ``Histogram``.
     """
-    if not len(values):
-        return
-    bounds = histogram._upper_bounds
-    finite = values[~np.isnan(values)]
-    counts = np.bincount(np.searchsorted(bounds, finite, side="left"), minlength=len(bounds))
-    histogram._sum.inc(float(values.sum()))
-    for i in np.flatnonzero(counts).tolist():
-        histogram._buckets[i].inc(int(counts[i]))
+
+    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation = name, documentation
+        self.bounds = np.array(sorted(float(b) for b in buckets if b != float("inf")))
+        self._counts = np.zeros(len(self.bounds) + 1, dtype=np.int64)  # the last: +Inf only
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        """Observe every value: bucket = the first bound >= the value (as ``observe``); a NaN
+        adds to the sum only, as in ``Histogram``."""
+        values = np.asarray(values, dtype=np.float64)
+        if not len(values):
+            return
+        finite = values[~np.isnan(values)]
+        counts = np.bincount(np.searchsorted(self.bounds, finite, side="left"),
+                             minlength=len(self._counts))
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = self._counts.copy(), self._sum
+        cumulative = np.cumsum(counts).tolist()
+        labels = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        family = HistogramMetricFamily(self.name, self.documentation,
+                                       buckets=list(zip(labels, cumulative, strict=True)),
+                                       sum_value=total)
+        yield family
 
 
 class ScoreTally:

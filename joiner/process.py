@@ -62,7 +62,7 @@ from freshrec.kafka import (
     producer_config,
     records,
 )
-from freshrec.metrics import JoinerMetrics, observe_many, report_thread_pools
+from freshrec.metrics import JoinerMetrics, report_thread_pools
 from freshrec.runtime import apply_thread_budget, cpu_budget, tune_gc
 from freshrec.settings import Settings
 from joiner.join import ClickOutcome, Joiner
@@ -372,7 +372,7 @@ class JoinerProcess:
         self.metrics.pending.set(self.joiner.pending)
         self._export_exploration()
         self.metrics.early_clicks.set(len(self._early))
-        observe_many(self.metrics.join_delay, self.joiner.drain_join_delays())
+        self.metrics.join_delay.observe_many(self.joiner.drain_join_delays())
         self._producer.poll(0)
         if now - self._last_truncation_check >= 1.0:
             self._rewind_truncated()

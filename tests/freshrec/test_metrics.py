@@ -31,18 +31,23 @@ def test_table_totals_are_counters_that_follow_the_tables() -> None:
     assert _value(m, 'freshrec_trainer_table_admitted_total{slot="user"}') == 11
 
 
-def test_observe_many_buckets_as_observe_does() -> None:
+def test_a_bulk_histogram_exposes_what_a_histogram_observing_each_value_does() -> None:
     import numpy as np
-    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-    from freshrec.metrics import observe_many
+    from freshrec.metrics import BulkHistogram
 
-    values = np.array([0.05, 0.1, 0.1000001, 1.0, 7.0, 5000.0, -3.0])
-    one, many = (Histogram(name, "h", buckets=(0.1, 1, 5, 30), registry=CollectorRegistry())
-                 for name in ("one", "many"))
+    values = np.array([0.05, 0.1, 0.1000001, 1.0, 7.0, 5000.0, -3.0, np.nan])
+    one_reg, bulk_reg = CollectorRegistry(), CollectorRegistry()
+    one = Histogram("d_seconds", "h", buckets=(0.1, 1, 5, 30), registry=one_reg)
+    bulk = BulkHistogram("d_seconds", "h", buckets=(0.1, 1, 5, 30), registry=bulk_reg)
     for v in values:
         one.observe(float(v))
-    observe_many(many, values)
-    samples = [[(s.name.split("_", 1)[1], s.labels, s.value) for s in h.collect()[0].samples
-                if not s.name.endswith("_created")] for h in (one, many)]
-    assert samples[0] == samples[1]
+    bulk.observe_many(values[:3])
+    bulk.observe_many(values[3:])
+    bulk.observe_many(np.array([]))
+
+    def lines(r: CollectorRegistry) -> list[str]:
+        return [x for x in generate_latest(r).decode().splitlines() if "_created" not in x]
+
+    assert lines(bulk_reg) == lines(one_reg)
