@@ -77,16 +77,12 @@ def one_rank(settings: Settings, total: int, out: str) -> None:
 
 def rank_main(rank: int, settings: Settings, port: int, total: int, out: str) -> None:
     """One of the ranks (``torch.multiprocessing.spawn`` target)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
     import torch.distributed as dist
 
     from freshrec.runtime import tune_gc
-    from trainer.ranks import build_ranked_trainer, ranks_from_env
+    from trainer.ranks import loopback_rank_trainer
 
-    ranks = ranks_from_env(settings)
-    assert ranks is not None
-    trainer = build_ranked_trainer(settings, ranks)
+    trainer = loopback_rank_trainer(settings, rank, WORLD, port)
     tune_gc()
     marks: dict[str, float] = {}
     _timed_steps(trainer, "learn", marks)

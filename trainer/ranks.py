@@ -199,3 +199,16 @@ def build_ranked_trainer(settings: Settings, ranks: Ranks,
                             metrics)
     trainer.restore()
     return trainer
+
+
+def loopback_rank_trainer(settings: Settings, rank: int, world: int, port: int
+                          ) -> RankedTrainer:
+    """Rank ``rank`` of ``world`` processes on this machine (``torch.multiprocessing.spawn``
+    targets in tests and benchmarks): torchrun's variables set for a loopback rendezvous on
+    ``port``, then the trainer ``freshrec trainer`` builds from them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    ranks = ranks_from_env(settings)
+    if ranks is None:
+        raise ValueError(f"a world of {world} process(es) has no ranks")
+    return build_ranked_trainer(settings, ranks)

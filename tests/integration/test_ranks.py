@@ -6,7 +6,6 @@ Each rank is a real process (``torch.multiprocessing.spawn``, gloo over loopback
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from pathlib import Path
@@ -35,15 +34,11 @@ EVENTS = 3000
 
 def _rank_main(rank: int, settings: Settings, port: int, max_events: int, out: str) -> None:
     """One rank: join the group, train until ``max_events`` are done over all ranks."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
     import torch.distributed as dist
 
-    from trainer.ranks import build_ranked_trainer, ranks_from_env
+    from trainer.ranks import loopback_rank_trainer
 
-    ranks = ranks_from_env(settings)
-    assert ranks is not None
-    trainer = build_ranked_trainer(settings, ranks)
+    trainer = loopback_rank_trainer(settings, rank, WORLD, port)
     trainer.run(max_events=max_events)
     Path(out, f"rank-{rank}.json").write_bytes(orjson.dumps({
         "trained": trainer.trained, "steps": trainer.steps,
