@@ -52,8 +52,11 @@ from featurestore.events import (
     decode_labeled_events,
     parse_labeled_event,
 )
+from featurestore.labeled_batch import LabeledBatch
 from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
+from featurestore.wire_scan import WirePlan, scan_labeled_events
+from featurestore.wire_scan import warm_up as warm_up_scanner
 from freshrec.eventclock import EventClock, future_skew_reason
 from freshrec.kafka import (
     DeliveryTracker,
@@ -123,6 +126,7 @@ class Trainer:
         self.metrics = metrics or TrainerMetrics()
         self.learner = learner or OnlineLearner(config, seed=settings.trainer_seed,
                                                 micro_batch=settings.trainer_micro_batch)
+        self._wire_plan = WirePlan.of(config)
         self.window = ProgressiveWindow(settings.trainer_progressive_window)
         self.hooks: list[BatchHook] = list(hooks or [])
         self.publisher: PublishHook | None = None
@@ -276,30 +280,58 @@ class Trainer:
         # One wall-clock reading per batch: a consumed batch spans milliseconds against a
         # skew of minutes. The reason is worded by future_skew_reason for the events past it.
         wall = time.time()
-        parsed = self._parse_clean(messages, wall)
-        if parsed is None:
-            events, sources = self._parse_each(messages, wall)
-        else:
-            events, sources = parsed, messages
+        batch = self._scan_clean(messages, wall)
+        sources = messages
+        if batch is None:
+            parsed = self._parse_clean(messages, wall)
+            if parsed is None:
+                events, sources = self._parse_each(messages, wall)
+            else:
+                events = parsed
+            batch = LabeledBatch.of_events(events, self.learner.featurizer) if events else None
         try:
-            trained = self._learn_or_isolate(events, sources) if events else 0
+            trained = self._learn_or_isolate(batch, sources) if batch is not None else 0
         except StateDamaged as exc:
             self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
             return 0
         self._dlq.poll(0)
         return trained
 
+    def _clean_batch(self, messages: list[Message]) -> bool:
+        """No consumer error in the batch and no culprit of an earlier failure pending."""
+        return not (self._culprits
+                    or any(map(is_not, map(_MSG_ERROR, messages), repeat(None))))
+
+    def _advance_offsets(self, messages: list[Message]) -> None:
+        """Messages of one partition arrive in offset order: the last one's offset wins."""
+        partitions = zip(map(_MSG_TOPIC, messages), map(_MSG_PARTITION, messages), strict=True)
+        self.offsets.update(zip(partitions, map(add, map(_MSG_OFFSET, messages), repeat(1)),
+                                strict=True))
+
+    def _scan_clean(self, messages: list[Message], wall: float) -> LabeledBatch | None:
+        """A clean batch read by the compiled wire scanner (columns straight from the message
+        bytes, no object per event); else ``None`` having changed nothing."""
+        if not self._clean_batch(messages):
+            return None
+        batch = scan_labeled_events(list(map(_MSG_VALUE, messages)), self._wire_plan)
+        if batch is None or (len(batch) and float(batch.ts.max())
+                             > wall + self.settings.event_max_future_skew_s):
+            return None
+        self._advance_offsets(messages)
+        return batch
+
     def _parse_clean(self, messages: list[Message], wall: float
                      ) -> list[AnyLabeledEvent] | None:
         """A batch with nothing to dead-letter, parsed in C-level passes; else ``None``.
 
-        The common batch (no consumer errors, every message valid, none dated past the skew,
-        no culprit of an earlier failure pending) needs none of :meth:`_parse_each`'s per-
-        message Python: the values decode in one pass and the next offset of every partition
-        is the last message's + 1. Anything else returns ``None`` having changed nothing, and
+        The batch the wire scanner leaves (a value outside its subset) and that still has no
+        consumer errors, every message valid, none dated past the skew, no culprit of an
+        earlier failure pending, needs none of :meth:`_parse_each`'s per-message Python: the
+        values decode in one pass and the next offset of every partition is the last
+        message's + 1. Anything else returns ``None`` having changed nothing, and
         :meth:`_parse_each` takes the batch message by message (reasons, dead letters).
         """
-        if self._culprits or any(map(is_not, map(_MSG_ERROR, messages), repeat(None))):
+        if not self._clean_batch(messages):
             return None
         try:
             events = decode_labeled_events(map(_MSG_VALUE, messages))
@@ -307,10 +339,7 @@ class Trainer:
             return None
         if events and max(map(_TS, events)) > wall + self.settings.event_max_future_skew_s:
             return None
-        # Messages of one partition arrive in offset order: the last one's offset wins.
-        partitions = zip(map(_MSG_TOPIC, messages), map(_MSG_PARTITION, messages), strict=True)
-        self.offsets.update(zip(partitions, map(add, map(_MSG_OFFSET, messages), repeat(1)),
-                                strict=True))
+        self._advance_offsets(messages)
         return events
 
     def _parse_each(self, messages: list[Message], wall: float
@@ -345,7 +374,7 @@ class Trainer:
             source(msg)
         return events, sources
 
-    def _learn_or_isolate(self, events: list[AnyLabeledEvent], sources: list[Message]) -> int:
+    def _learn_or_isolate(self, batch: LabeledBatch, sources: list[Message]) -> int:
         """Learn the batch; if it fails cleanly, learn event by event and dead-letter culprits.
 
         A valid-looking event that still breaks training (a bug, a pathological value) must not
@@ -355,17 +384,17 @@ class Trainer:
         ever learned twice into the same state. A batch holding suspects of an earlier such
         failure is learned one event at a time, which pins the culprit down.
         """
-        if not (self._suspects and not self._suspects.isdisjoint(map(_EVENT_ID, events))):
+        if not (self._suspects and not self._suspects.isdisjoint(map(_EVENT_ID, batch.events))):
             try:
-                self.learn(events)
-                return len(events)
+                self.learn(batch)
+                return len(batch)
             except StateDamaged:
-                self._suspects.update(e.event_id for e in events)
+                self._suspects.update(e.event_id for e in batch.events)
                 raise
             except Exception:
-                log.exception("batch of %d failed; retrying event by event", len(events))
+                log.exception("batch of %d failed; retrying event by event", len(batch))
         trained = 0
-        for event, msg in zip(events, sources, strict=True):
+        for event, msg in zip(batch.events, sources, strict=True):
             try:
                 self.learn([event])
                 trained += 1
@@ -411,29 +440,29 @@ class Trainer:
             if not bool(torch.isfinite(param).all()):
                 raise ModelDiverged(f"non-finite dense weight {name}")
 
-    def learn(self, events: list[AnyLabeledEvent]) -> None:
-        """Predict-then-learn on validated events; update hooks and metrics.
+    def learn(self, batch: LabeledBatch | list[AnyLabeledEvent]) -> None:
+        """Predict-then-learn on validated events (or a batch of them); update hooks and metrics.
 
         Raises :class:`StateDamaged` when learning failed after it had changed state (or left
         a non-finite model); any other exception means nothing changed.
         """
         started = time.perf_counter()
-        batch = self.learner.featurizer.featurize_events(events)
-        labels = np.fromiter(map(_LABEL, events), dtype=np.float64, count=len(events))
-        ts = np.fromiter(map(_TS, events), dtype=np.float64, count=len(events))
+        if not isinstance(batch, LabeledBatch):
+            batch = LabeledBatch.of_events(batch, self.learner.featurizer)
+        labels, ts = batch.labels, batch.ts
         offsets = None
-        if any(map(_SAMPLE_RATE, events)):  # a rate is > 0 when set
+        if batch.sample_rates is not None:
             # Negatives kept at rate r: learn on logit - log r so the served logit stays
             # calibrated (the joiner's log-odds correction, applied at train time).
-            offsets = np.array([-log_odds_correction(e.sample_rate or 1.0) for e in events])
+            offsets = np.array([-log_odds_correction(r) for r in batch.sample_rates.tolist()])
         mutations = self.learner.mutations
         clock = self.clock.state() if self.hooks else None
         try:
             self.clock.observe(ts)
-            result = self.learner.step_batch(batch, labels, ts, logit_offset=offsets)
+            result = self.learner.step_batch(batch.sparse, labels, ts, logit_offset=offsets)
             step_seconds = time.perf_counter() - started
             for hook in self.hooks:
-                hook.on_batch(events, self.learner)
+                hook.on_batch(batch.events, self.learner)
             self._check_finite(result.probs)
         except Exception as exc:
             if self.learner.mutations != mutations or isinstance(exc, ModelDiverged):
@@ -445,14 +474,14 @@ class Trainer:
                         hook.clock = self.clock
             raise
         self.window.add(labels, result.probs)
-        self.trained += len(events)
+        self.trained += len(batch)
         self.max_event_ts = max(self.max_event_ts, float(ts.max()))
-        self.metrics.events.labels("trained").inc(len(events))
+        self.metrics.events.labels("trained").inc(len(batch))
         self.metrics.batches.inc()
         self.metrics.step_seconds.observe(step_seconds)
         self.metrics.event_time.set(self.max_event_ts)
         if self._audit is not None:
-            self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in events))
+            self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in batch.events))
             self._audit.flush()
 
     def sweep(self, now: float | None = None) -> dict[str, np.ndarray]:
@@ -549,6 +578,7 @@ class Trainer:
                                  on_revoke=self._on_revoke)
         self.ensure_checkpoint()
         self.learner.warm_up()
+        warm_up_scanner(self._wire_plan)
         wait = self.settings.trainer_batch_max_wait_ms / 1000.0
         size = self.settings.trainer_batch_max_events
         try:

@@ -1,0 +1,66 @@
+"""A consumed batch of labeled events in the form the learner takes it.
+
+Two paths produce it: the compiled wire scanner (:mod:`featurestore.wire_scan`, columns straight
+from the message bytes) and the struct path (:meth:`LabeledBatch.of_events`, parsed events
+featurized). Whatever needs the events themselves (exploration statistics, the audit log,
+isolating a failing event) reads :attr:`LabeledBatch.events`, decoded on first use, so the
+common batch never builds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from operator import attrgetter
+from typing import Any
+
+import numpy as np
+
+from featurestore.featurize import Featurizer, SparseBatch
+
+_LABEL, _TS, _SAMPLE_RATE = map(attrgetter, ("label", "ts", "sample_rate"))
+
+
+class LabeledBatch:
+    """Jagged IDs per slot, labels, timestamps and sample rates of a batch of events.
+
+    ``sample_rates``: each event's rate of kept negatives (1.0 where unset), or ``None`` when
+    no event of the batch has one.
+    """
+
+    __slots__ = ("_events", "_values", "labels", "sample_rates", "sparse", "ts")
+
+    def __init__(self, sparse: SparseBatch, labels: np.ndarray, ts: np.ndarray,
+                 sample_rates: np.ndarray | None, *, events: list[Any] | None = None,
+                 values: list[bytes] | None = None) -> None:
+        if events is None and values is None:
+            raise ValueError("a labeled batch needs its events or their message values")
+        self.sparse = sparse
+        self.labels = labels
+        self.ts = ts
+        self.sample_rates = sample_rates
+        self._events = events
+        self._values = values
+
+    def __len__(self) -> int:
+        return self.sparse.size
+
+    @property
+    def events(self) -> list[Any]:
+        """The parsed events (decoded from the message values on first use)."""
+        if self._events is None:
+            from featurestore.events import decode_labeled_events
+
+            self._events = decode_labeled_events(self._values or [])
+        return self._events
+
+    @classmethod
+    def of_events(cls, events: Sequence[Any], featurizer: Featurizer) -> LabeledBatch:
+        """Parsed events, featurized."""
+        n = len(events)
+        rates = None
+        if any(map(_SAMPLE_RATE, events)):  # a rate is > 0 when set
+            rates = np.fromiter((e.sample_rate or 1.0 for e in events), np.float64, count=n)
+        return cls(featurizer.featurize_events(events),
+                   np.fromiter(map(_LABEL, events), dtype=np.float64, count=n),
+                   np.fromiter(map(_TS, events), dtype=np.float64, count=n), rates,
+                   events=list(events))
