@@ -262,15 +262,18 @@ def trainer_rate(stack: LocalStack, topic: str, total: int, checkpoint_dir: Path
     trainer = Trainer(settings, config)
     tune_gc()  # as `freshrec trainer` does
     marks: dict[str, float] = {}
-    process = trainer.process
+    begin, finish = trainer._begin, trainer._finish
 
-    def timed(messages):
+    def timed_begin(batch):  # the first batch's step starts the clock ...
         marks.setdefault("first", time.perf_counter())
-        n = process(messages)
-        marks["last"] = time.perf_counter()
-        return n
+        return begin(batch)
 
-    trainer.process = timed  # type: ignore[method-assign]
+    def timed_finish(step, outcome):  # ... the last one judged stops it
+        finish(step, outcome)
+        marks["last"] = time.perf_counter()
+
+    trainer._begin = timed_begin  # type: ignore[method-assign]
+    trainer._finish = timed_finish  # type: ignore[method-assign]
     thread = threading.Thread(target=trainer.run, kwargs={"max_events": total}, daemon=True)
     t0 = time.perf_counter()
     thread.start()

@@ -33,7 +33,7 @@ def mix64(key: int) -> np.uint64:
     return z ^ (z >> np.uint64(31))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def index_find(index: np.ndarray, row_ids: np.ndarray, key: int) -> int:
     """The row of ``key``, or -1."""
     mask = np.uint64(index.shape[0] - 1)
@@ -47,7 +47,7 @@ def index_find(index: np.ndarray, row_ids: np.ndarray, key: int) -> int:
         slot = (slot + np.uint64(1)) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def index_insert(index: np.ndarray, row_ids: np.ndarray, key: int, row: int) -> None:
     """Put ``key -> row``; the caller guarantees ``key`` is absent and a slot is free."""
     mask = np.uint64(index.shape[0] - 1)
@@ -57,7 +57,7 @@ def index_insert(index: np.ndarray, row_ids: np.ndarray, key: int, row: int) -> 
     index[slot] = row
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def index_delete(index: np.ndarray, row_ids: np.ndarray, key: int) -> None:
     """Remove ``key`` (must be present) by backward-shift deletion (Knuth 6.4 algorithm R)."""
     cap = index.shape[0]
@@ -80,7 +80,7 @@ def index_delete(index: np.ndarray, row_ids: np.ndarray, key: int) -> None:
     index[hole] = -1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def index_rebuild(index: np.ndarray, row_ids: np.ndarray, n_used: int) -> None:
     """Fill an all-empty ``index`` with every live row in ``row_ids[:n_used]``."""
     for r in range(n_used):
@@ -89,7 +89,7 @@ def index_rebuild(index: np.ndarray, row_ids: np.ndarray, n_used: int) -> None:
             index_insert(index, row_ids, k, r)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def find_many(index: np.ndarray, row_ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Rows of ``keys`` (-1 where absent). Read-only."""
     out = np.empty(keys.shape[0], dtype=np.int64)
@@ -98,7 +98,7 @@ def find_many(index: np.ndarray, row_ids: np.ndarray, keys: np.ndarray) -> np.nd
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(uniq, local)``: the distinct non-negative rows in first-occurrence order, and for each
     entry its position in ``uniq`` (-1 where the row is -1).
@@ -135,7 +135,7 @@ def unique_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --- exact pending counts (admission='exact'): int64 key -> int64 count, same probing scheme --
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kv_add(keys: np.ndarray, vals: np.ndarray, key: int, delta: int) -> int:
     """Add ``delta`` to the count of ``key`` (inserting it at 0) and return the new count."""
     mask = np.uint64(keys.shape[0] - 1)
@@ -152,7 +152,7 @@ def kv_add(keys: np.ndarray, vals: np.ndarray, key: int, delta: int) -> int:
         slot = (slot + np.uint64(1)) & mask
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kv_delete(keys: np.ndarray, vals: np.ndarray, key: int) -> bool:
     """Remove ``key`` if present (backward shift); True if it was there."""
     cap = keys.shape[0]
@@ -179,7 +179,7 @@ def kv_delete(keys: np.ndarray, vals: np.ndarray, key: int) -> bool:
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def kv_rehash(old_keys: np.ndarray, old_vals: np.ndarray, keys: np.ndarray, vals: np.ndarray):
     """Copy every entry of the old map into the (empty, larger) new one."""
     for i in range(old_keys.shape[0]):
@@ -228,7 +228,7 @@ def _init_one(out: np.ndarray, i: int, key: int, dim: int, scale: float, s: np.u
         out[i, j] = np.float32(scale * (2.0 * u - 1.0))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def init_vectors(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray:
     """Uniform(-scale, scale) vectors that are a pure function of (seed, key, coordinate).
 
@@ -242,7 +242,7 @@ def init_vectors(keys: np.ndarray, dim: int, scale: float, seed: int) -> np.ndar
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def init_rows(
     rows: np.ndarray,
     row_ids: np.ndarray,

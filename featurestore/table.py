@@ -157,7 +157,7 @@ class TableStats:
     bytes: int
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _lookup_kernel(
     keys: np.ndarray,
     ts: np.ndarray,
@@ -241,7 +241,7 @@ def _lookup_kernel(
     return _DONE, keys.shape[0]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _evict_kernel(
     rows: np.ndarray,
     index: np.ndarray,

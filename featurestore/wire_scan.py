@@ -377,7 +377,7 @@ def _scan_one(buf: np.ndarray, start: int, stop: int, m: int, top: np.ndarray,
     return (seen & _REQUIRED) == _REQUIRED and _skip_ws(buf, i, stop) == stop
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _scan(buf: np.ndarray, bounds: np.ndarray, top: np.ndarray, top_offs: np.ndarray,
           feats: np.ndarray, feat_offs: np.ndarray, toks: np.ndarray, fvals: np.ndarray,
           nums: np.ndarray, spans: np.ndarray, labels: np.ndarray) -> int:
@@ -494,7 +494,7 @@ def _one_id(buf: np.ndarray, tok: np.ndarray, fval: float, kind: int, bounds: np
     return True, _bucket(bounds, x)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _encode_slot(buf: np.ndarray, toks: np.ndarray, fvals: np.ndarray, col: int, kind: int,
                  bounds: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray]:
     """One slot's jagged IDs from the scanned tokens; ``ok`` False outside the fast path."""

@@ -28,6 +28,8 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import repeat
 from operator import add, attrgetter, is_not
 from pathlib import Path
@@ -71,7 +73,7 @@ from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from joiner.join import log_odds_correction
 from trainer.checkpoint import Checkpointer, load_arrays, save_arrays
-from trainer.learner import OnlineLearner
+from trainer.learner import OnlineLearner, StepResult
 from trainer.model import (
     load_model_arrays,
     load_optimizer_arrays,
@@ -97,6 +99,27 @@ class ModelDiverged(RuntimeError):
 
 class StateDamaged(RuntimeError):
     """Learning failed after it had changed state: the in-memory model cannot be trusted."""
+
+
+@dataclass
+class _Step:
+    """A batch on its way through :meth:`Trainer.learn`: what the step needs, and what a
+    failure needs to tell a clean failure from a half-applied one."""
+
+    batch: LabeledBatch
+    logit_offset: np.ndarray | None
+    mutations: int  # the learner's count before the step
+    clock: dict[str, Any] | None  # the event clock before the step (restored on a clean failure)
+    started: float
+
+
+@dataclass
+class _InFlight:
+    """A scanned batch whose step runs on the stepper thread (see :meth:`Trainer.run`)."""
+
+    step: _Step
+    messages: list[Message]
+    outcome: Future
 
 
 class BatchHook(Protocol):
@@ -127,6 +150,9 @@ class Trainer:
         self.learner = learner or OnlineLearner(config, seed=settings.trainer_seed,
                                                 micro_batch=settings.trainer_micro_batch)
         self._wire_plan = WirePlan.of(config)
+        # The pipelined loop's stepper thread and the batch on it (see run()).
+        self._stepper: ThreadPoolExecutor | None = None
+        self._in_flight: _InFlight | None = None
         self.window = ProgressiveWindow(settings.trainer_progressive_window)
         self.hooks: list[BatchHook] = list(hooks or [])
         self.publisher: PublishHook | None = None
@@ -247,10 +273,12 @@ class Trainer:
     # --- Kafka ---------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._settle()  # the batch in flight belongs to the positions being assigned from
         assign_from(consumer, partitions, self.offsets)
         log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._settle()  # learn (and checkpoint) the batch in flight before giving it up
         if self.offsets:
             self.checkpoint()
         revoked = {(tp.topic, tp.partition) for tp in partitions}
@@ -282,7 +310,9 @@ class Trainer:
         wall = time.time()
         batch = self._scan_clean(messages, wall)
         sources = messages
-        if batch is None:
+        if batch is not None:
+            self._advance_offsets(messages)
+        else:
             parsed = self._parse_clean(messages, wall)
             if parsed is None:
                 events, sources = self._parse_each(messages, wall)
@@ -310,14 +340,14 @@ class Trainer:
 
     def _scan_clean(self, messages: list[Message], wall: float) -> LabeledBatch | None:
         """A clean batch read by the compiled wire scanner (columns straight from the message
-        bytes, no object per event); else ``None`` having changed nothing."""
+        bytes, no object per event); else ``None``. Changes nothing: the caller advances the
+        offsets (:meth:`_advance_offsets`) when it learns the batch."""
         if not self._clean_batch(messages):
             return None
         batch = scan_labeled_events(list(map(_MSG_VALUE, messages)), self._wire_plan)
         if batch is None or (len(batch) and float(batch.ts.max())
                              > wall + self.settings.event_max_future_skew_s):
             return None
-        self._advance_offsets(messages)
         return batch
 
     def _parse_clean(self, messages: list[Message], wall: float
@@ -374,7 +404,8 @@ class Trainer:
             source(msg)
         return events, sources
 
-    def _learn_or_isolate(self, batch: LabeledBatch, sources: list[Message]) -> int:
+    def _learn_or_isolate(self, batch: LabeledBatch, sources: list[Message],
+                          in_flight: _InFlight | None = None) -> int:
         """Learn the batch; if it fails cleanly, learn event by event and dead-letter culprits.
 
         A valid-looking event that still breaks training (a bug, a pathological value) must not
@@ -382,11 +413,16 @@ class Trainer:
         the batch is trained. That retry is only sound when the failed attempt changed nothing;
         otherwise :class:`StateDamaged` propagates and the caller rolls back, so no event is
         ever learned twice into the same state. A batch holding suspects of an earlier such
-        failure is learned one event at a time, which pins the culprit down.
+        failure is learned one event at a time, which pins the culprit down. ``in_flight``: the
+        batch's step already ran on the stepper thread; this judges its outcome.
         """
-        if not (self._suspects and not self._suspects.isdisjoint(map(_EVENT_ID, batch.events))):
+        if in_flight is not None or not (
+                self._suspects and not self._suspects.isdisjoint(map(_EVENT_ID, batch.events))):
             try:
-                self.learn(batch)
+                if in_flight is None:
+                    self.learn(batch)
+                else:
+                    self._finish(in_flight.step, in_flight.outcome.result())
                 return len(batch)
             except StateDamaged:
                 self._suspects.update(e.event_id for e in batch.events)
@@ -446,33 +482,52 @@ class Trainer:
         Raises :class:`StateDamaged` when learning failed after it had changed state (or left
         a non-finite model); any other exception means nothing changed.
         """
+        step = self._begin(batch)
+        self._finish(step, self._attempt(step))
+
+    def _begin(self, batch: LabeledBatch | list[AnyLabeledEvent]) -> _Step:
         started = time.perf_counter()
         if not isinstance(batch, LabeledBatch):
             batch = LabeledBatch.of_events(batch, self.learner.featurizer)
-        labels, ts = batch.labels, batch.ts
         offsets = None
         if batch.sample_rates is not None:
             # Negatives kept at rate r: learn on logit - log r so the served logit stays
             # calibrated (the joiner's log-odds correction, applied at train time).
             offsets = np.array([-log_odds_correction(r) for r in batch.sample_rates.tolist()])
-        mutations = self.learner.mutations
-        clock = self.clock.state() if self.hooks else None
+        return _Step(batch, offsets, self.learner.mutations,
+                     self.clock.state() if self.hooks else None, started)
+
+    def _attempt(self, step: _Step) -> StepResult | Exception:
+        """The learner's step (on the stepper thread when pipelined): its result, or what it
+        raised, for :meth:`_finish` to judge on the training thread."""
         try:
-            self.clock.observe(ts)
-            result = self.learner.step_batch(batch.sparse, labels, ts, logit_offset=offsets)
-            step_seconds = time.perf_counter() - started
+            self.clock.observe(step.batch.ts)
+            return self.learner.step_batch(step.batch.sparse, step.batch.labels, step.batch.ts,
+                                           logit_offset=step.logit_offset)
+        except Exception as exc:
+            return exc
+
+    def _finish(self, step: _Step, outcome: StepResult | Exception) -> None:
+        """Hooks, checks and bookkeeping of a step; raises as :meth:`learn` documents."""
+        batch = step.batch
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            result = outcome
+            step_seconds = time.perf_counter() - step.started
             for hook in self.hooks:
                 hook.on_batch(batch.events, self.learner)
             self._check_finite(result.probs)
         except Exception as exc:
-            if self.learner.mutations != mutations or isinstance(exc, ModelDiverged):
+            if self.learner.mutations != step.mutations or isinstance(exc, ModelDiverged):
                 raise StateDamaged(f"{type(exc).__name__}: {exc}") from exc
-            if clock is not None:
-                self.clock = EventClock.from_state(clock)
+            if step.clock is not None:
+                self.clock = EventClock.from_state(step.clock)
                 for hook in self.hooks:
                     if hasattr(hook, "clock"):
                         hook.clock = self.clock
             raise
+        labels, ts = batch.labels, batch.ts
         self.window.add(labels, result.probs)
         self.trained += len(batch)
         self.max_event_ts = max(self.max_event_ts, float(ts.max()))
@@ -572,7 +627,15 @@ class Trainer:
             self.checkpoint()
 
     def run(self, stop: threading.Event | None = None, max_events: int | None = None) -> None:
-        """Consume until ``stop`` is set (or ``max_events`` trained); checkpoint on the way out."""
+        """Consume until ``stop`` is set (or ``max_events`` trained); checkpoint on the way out.
+
+        Pipelined: a clean batch's learning step runs on a stepper thread while this thread
+        consumes and scans the next batch (the step's numba kernels and torch ops release the
+        GIL). Everything else — judging the step, hooks, dead letters, housekeeping, Kafka —
+        stays on this thread, and only after the previous step has settled
+        (:meth:`_settle`), so every batch is learned, checked and checkpointed in order
+        exactly as the synchronous :meth:`process` would.
+        """
         stop = stop or threading.Event()
         self._consumer.subscribe([self.settings.topic_events], on_assign=self._on_assign,
                                  on_revoke=self._on_revoke)
@@ -581,22 +644,54 @@ class Trainer:
         warm_up_scanner(self._wire_plan)
         wait = self.settings.trainer_batch_max_wait_ms / 1000.0
         size = self.settings.trainer_batch_max_events
+        self._stepper = ThreadPoolExecutor(1, thread_name_prefix="freshrec-step")
         try:
             while not stop.is_set():
                 self.metrics.heartbeat.beat()
                 started = time.perf_counter()
                 messages = self._consumer.consume(num_messages=size, timeout=wait)
-                if messages:
-                    self.process(messages)
-                    self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                batch = (self._scan_clean(messages, time.time())
+                         if messages and not self._suspects else None)
+                rolled_back = self._settle()
                 self.housekeeping()
+                if messages and not rolled_back:  # after a rollback the consumer re-reads
+                    if batch is not None:
+                        step = self._begin(batch)
+                        self._in_flight = _InFlight(step, messages,
+                                                    self._stepper.submit(self._attempt, step))
+                    else:
+                        self.process(messages)
+                    self.metrics.batch_seconds.observe(time.perf_counter() - started)
                 if max_events is not None and self.trained + self.dead_lettered >= max_events:
                     break
         finally:
-            self.close()
+            try:
+                self._settle()
+            finally:
+                self._stepper.shutdown()
+                self._stepper = None
+                self.close()
+
+    def _settle(self) -> bool:
+        """Wait for the batch on the stepper thread, then judge and book it as :meth:`process`
+        does (isolating culprits, or rolling back a half-applied step). True if it rolled back.
+        """
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return False
+        in_flight.outcome.exception()  # wait; the outcome itself is judged below
+        self._advance_offsets(in_flight.messages)
+        try:
+            self._learn_or_isolate(in_flight.step.batch, in_flight.messages, in_flight)
+        except StateDamaged as exc:
+            self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
+            return True
+        self._dlq.poll(0)
+        return False
 
     def close(self) -> None:
         """Final checkpoint and commit, then release Kafka and the publisher."""
+        self._settle()
         try:
             if self.offsets:
                 self.checkpoint()

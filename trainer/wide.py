@@ -63,7 +63,7 @@ def wide_logit_row(x: np.ndarray, starts: np.ndarray, fm_dim: int, sides: np.nda
     return z
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def wide_logits(x: np.ndarray, starts: np.ndarray, fm_dim: int, sides: np.ndarray) -> np.ndarray:
     """``wide(x)`` for every row of a ``(batch, width)`` float32 input; float64 ``(batch,)``."""
     out = np.empty(x.shape[0], dtype=np.float64)
@@ -72,7 +72,7 @@ def wide_logits(x: np.ndarray, starts: np.ndarray, fm_dim: int, sides: np.ndarra
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pool_examples(W: np.ndarray, loc: np.ndarray, offs: np.ndarray, lo: int, hi: int,
                   starts: np.ndarray, dims: np.ndarray, out: np.ndarray) -> None:
     """``out[i - lo]`` = the pooled input of example i in ``lo:hi``, from the working set."""
@@ -81,7 +81,7 @@ def pool_examples(W: np.ndarray, loc: np.ndarray, offs: np.ndarray, lo: int, hi:
             pool_bag(W, loc, offs[s, i], offs[s, i + 1], dims[s], out[i - lo], starts[s])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def learn_wide(W: np.ndarray, S1: np.ndarray, S2: np.ndarray, loc: np.ndarray,
                offs: np.ndarray, lo: int, hi: int, starts: np.ndarray, dims: np.ndarray,
                kinds: np.ndarray, lrs: np.ndarray, bias_lrs: np.ndarray, betas: np.ndarray,
