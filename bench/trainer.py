@@ -46,6 +46,7 @@ from bench import require_shipped_extras
 from featurestore.events import parse_labeled_event
 from featurestore.featurize import SlotIds, SparseBatch, event_record
 from featurestore.schema import ModelConfig, load_model_config
+from featurestore.wire_scan import WirePlan, scan_labeled_events
 from freshrec.data import fetch_movielens, load_movielens
 from freshrec.devstack import LocalStack
 from freshrec.kafka import consumer_config
@@ -288,39 +289,56 @@ def trainer_rate(stack: LocalStack, topic: str, total: int, checkpoint_dir: Path
 
 
 def stage_costs(events: list[dict[str, Any]], config: ModelConfig) -> dict[str, float]:
-    """Microseconds per event of each stage of Trainer.process/learn (in process, no Kafka)."""
+    """Microseconds per event of each stage of the trainer's path for a clean batch, in
+    process (no Kafka), one stage after another: the wire scan (parse, validate, featurize),
+    then the learner's step split into its parts. In the trainer the scan of the next batch
+    runs beside the step of this one (``Trainer.run``)."""
+    import trainer.learner as learner_module
+
     raw = [orjson.dumps(e) for e in events]
+    plan = WirePlan.of(config)
+    warm = OnlineLearner(config)
+    for i in range(0, len(raw), BATCH):  # load every kernel; fill the memo-free paths once
+        b = scan_labeled_events(raw[i:i + BATCH], plan)
+        warm.step_batch(b.sparse, b.labels, b.ts)
     learner = OnlineLearner(config)
-    progressive_events(learner, [parse_labeled_event(r) for r in raw])  # warm up (JIT, memo)
-    learner = OnlineLearner(config)
-    t = dict.fromkeys(("parse", "featurize", "lookup", "learn"), 0.0)
-    rows = learner._rows
+    t = dict.fromkeys(("scan", "step", "lookup", "working_set", "deep_forward", "wide",
+                       "deep_backward_and_step"), 0.0)
 
-    def timed_rows(*args, **kwargs):
-        s0 = time.perf_counter()
-        out = rows(*args, **kwargs)
-        t["lookup"] += time.perf_counter() - s0
-        return out
+    def timed(owner: Any, name: str, key: str) -> None:
+        inner = getattr(owner, name)
 
-    learner._rows = timed_rows  # type: ignore[method-assign]
-    for i in range(0, len(raw), BATCH):
-        t0 = time.perf_counter()
-        parsed = [parse_labeled_event(r) for r in raw[i:i + BATCH]]
-        t1 = time.perf_counter()
-        batch = learner.featurizer.featurize_events(parsed)
-        t2 = time.perf_counter()
-        learner.step_batch(batch, np.fromiter((e.label for e in parsed), np.float64),
-                           np.fromiter((e.ts for e in parsed), np.float64))
-        t3 = time.perf_counter()
-        t["parse"] += t1 - t0
-        t["featurize"] += t2 - t1
-        t["learn"] += t3 - t2
+        def run(*args: Any, **kwargs: Any) -> Any:
+            s0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            t[key] += time.perf_counter() - s0
+            return out
+        setattr(owner, name, run)
+
+    timed(learner, "_rows", "lookup")
+    timed(learner, "_dense_update", "deep_backward_and_step")
+    timed(learner.model, "forward", "deep_forward")
+    module_level = (learner_module.__dict__["_WorkingSet"],
+                    learner_module.wide.__dict__["learn_wide"])
+    try:
+        timed(learner_module, "_WorkingSet", "working_set")
+        timed(learner_module.wide, "learn_wide", "wide")
+        for i in range(0, len(raw), BATCH):
+            t0 = time.perf_counter()
+            batch = scan_labeled_events(raw[i:i + BATCH], plan)
+            t1 = time.perf_counter()
+            learner.step_batch(batch.sparse, batch.labels, batch.ts)
+            t["scan"] += t1 - t0
+            t["step"] += time.perf_counter() - t1
+    finally:
+        learner_module._WorkingSet, learner_module.wide.learn_wide = module_level
     n = len(events) / 1e6
-    return {"parse_validate_us": round(t["parse"] / n, 2),
-            "featurize_us": round(t["featurize"] / n, 2),
-            "table_lookup_us": round(t["lookup"] / n, 2),
-            "learn_wide_and_deep_us": round((t["learn"] - t["lookup"]) / n, 2),
-            "total_us": round(sum(t.values()) / n - t["lookup"] / n, 2)}
+    parts = ("lookup", "working_set", "deep_forward", "wide", "deep_backward_and_step")
+    out = {"scan_parse_validate_featurize_us": round(t["scan"] / n, 2)}
+    out |= {f"{k}_us": round(t[k] / n, 2) for k in parts}
+    out["step_other_us"] = round((t["step"] - sum(t[k] for k in parts)) / n, 2)
+    out["total_us"] = round((t["scan"] + t["step"]) / n, 2)
+    return out
 
 
 def progressive_events(learner: OnlineLearner, parsed: list[Any]) -> np.ndarray:
@@ -337,15 +355,18 @@ def progressive_events(learner: OnlineLearner, parsed: list[Any]) -> np.ndarray:
 
 def cprofile_top(events: list[dict[str, Any]], config: ModelConfig, k: int = 12
                  ) -> list[dict[str, Any]]:
-    """Top functions by own time while parsing and learning ``events`` like Trainer.process."""
+    """Top functions by own time while scanning and learning ``events`` like Trainer.process."""
     import cProfile
     import pstats
 
     raw = [orjson.dumps(e) for e in events]
+    plan = WirePlan.of(config)
     learner = OnlineLearner(config)
 
     def work() -> None:
-        progressive_events(learner, [parse_labeled_event(r) for r in raw])
+        for i in range(0, len(raw), BATCH):
+            batch = scan_labeled_events(raw[i:i + BATCH], plan)
+            learner.step_batch(batch.sparse, batch.labels, batch.ts)
 
     prof = cProfile.Profile()
     prof.runcall(work)
@@ -595,13 +616,16 @@ def notes(out: dict[str, Any]) -> list[str]:
     n = []
     st = out.get("stage_costs_us_per_event")
     if st:
+        step = st["total_us"] - st["scan_parse_validate_featurize_us"]
         n.append(
             f"Trainer hot path per event (in process, consumed batches of "
-            f"{out['trainer_batch_max_events']}): msgspec parse+validate "
-            f"{st['parse_validate_us']} us, featurize {st['featurize_us']} us, table lookups "
-            f"{st['table_lookup_us']} us, wide per example + deep in slices of "
-            f"{out['micro_batch']} {st['learn_wide_and_deep_us']} us: ~{st['total_us']:.0f} us, "
-            f"a ceiling of ~{1e6 / st['total_us']:,.0f} events/s on one core before Kafka.")
+            f"{out['trainer_batch_max_events']}): wire scan (parse, validate, featurize) "
+            f"{st['scan_parse_validate_featurize_us']} us on the training thread; on the "
+            f"stepper thread table lookups {st['lookup_us']} us, working set "
+            f"{st['working_set_us']} us, deep forward {st['deep_forward_us']} us, wide per "
+            f"example {st['wide_us']} us, deep backward + Adam in slices of {out['micro_batch']} "
+            f"{st['deep_backward_and_step_us']} us, rest {st['step_other_us']} us: the step "
+            f"(~{step:.1f} us) bounds the pipelined loop at ~{1e6 / step:,.0f} events/s.")
     n.append(
         f"Staleness: the wide part (ID biases, FM factors) has learned every earlier example; "
         f"the deep part every earlier slice of {out['micro_batch']}. One deep step per "
