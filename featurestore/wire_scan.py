@@ -14,7 +14,7 @@ IDs, labels, timestamps). Anything outside the subset makes :func:`scan_labeled_
 valid and for every dead-letter reason. The subset covers what producers emit: ASCII strings
 without escape sequences; numbers that convert exactly by Clinger's fast path (at most 19
 significant digits, mantissa <= 2^53, decimal exponent within +-22) — except timestamps and
-rates, which are re-parsed by Python's ``float`` when they fall outside it; no bandit context;
+rates and context weights, which are re-parsed by Python's ``float`` when they fall outside it;
 no duplicate keys. ``tests/featurestore/test_wire_scan.py`` checks the equality on generated
 and adversarial messages, including that nothing the struct refuses is accepted here.
 """
@@ -28,6 +28,8 @@ import numpy as np
 from numba import njit
 
 from featurestore.events import (
+    MAX_CLUSTER,
+    MAX_CONTEXT_CLUSTERS,
     MAX_FEATURE_NAME_LEN,
     MAX_FEATURES,
     MAX_ID_LEN,
@@ -35,7 +37,7 @@ from featurestore.events import (
     MAX_TS,
 )
 from featurestore.featurize import SlotIds, SparseBatch
-from featurestore.labeled_batch import LabeledBatch
+from featurestore.labeled_batch import BatchContexts, LabeledBatch
 from featurestore.schema import ModelConfig, SlotKind
 from featurestore.xxh64 import hashed_id
 
@@ -258,10 +260,124 @@ def _literal(buf: np.ndarray, i: int, stop: int, word: bytes) -> int:
 
 
 @njit(cache=True)
+def _context(buf: np.ndarray, i: int, stop: int, m: int, ctx: np.ndarray,
+             num: np.ndarray) -> int:
+    """A bandit context object at ``buf[i]``: ``{"clusters": [int], "weights": [number]}``,
+    each key once, both present. ``ctx[m, 0]`` gets the number of clusters (-1 while the two
+    lengths differ), ``ctx[m, 1 + 3k]`` cluster k, ``ctx[m, 2 + 3k : 4 + 3k]`` the span of
+    weight k; the weights' range and sum are checked by the caller. Returns the index after
+    the object, or -1."""
+    if buf[i] != 123:
+        return -1
+    i = _skip_ws(buf, i + 1, stop)
+    seen = 0
+    lengths = np.zeros(2, dtype=np.int64)
+    while True:
+        ke = _string(buf, i, stop)
+        if ke < 0:
+            return -1
+        n = ke - i - 1
+        key = -1
+        if n == 8 and buf[i + 1] == 99:  # clusters
+            key = 0
+        elif n == 7 and buf[i + 1] == 119:  # weights
+            key = 1
+        if key < 0 or (seen >> key) & 1:
+            return -1
+        word = b"clusters" if key == 0 else b"weights"
+        for k in range(n):
+            if buf[i + 1 + k] != word[k]:
+                return -1
+        seen |= 1 << key
+        i = _skip_ws(buf, ke + 1, stop)
+        if i >= stop or buf[i] != 58:
+            return -1
+        i = _skip_ws(buf, i + 1, stop)
+        if i >= stop or buf[i] != 91:
+            return -1
+        i = _skip_ws(buf, i + 1, stop)
+        count = 0
+        if i < stop and buf[i] == 93:
+            i += 1
+        else:
+            while True:
+                e = _number(buf, i, stop, num)
+                if e < 0 or count >= MAX_CONTEXT_CLUSTERS:
+                    return -1
+                if key == 0:
+                    if num[0] != 1.0 or num[1] != 1.0:
+                        return -1
+                    value = _int_value(buf, i, e)
+                    if value < 0 or value > MAX_CLUSTER:
+                        return -1
+                    ctx[m, 1 + 3 * count] = value
+                else:
+                    ctx[m, 2 + 3 * count], ctx[m, 3 + 3 * count] = i, e
+                count += 1
+                i = _skip_ws(buf, e, stop)
+                if i >= stop:
+                    return -1
+                if buf[i] == 93:
+                    i += 1
+                    break
+                if buf[i] != 44:
+                    return -1
+                i = _skip_ws(buf, i + 1, stop)
+        lengths[key] = count
+        i = _skip_ws(buf, i, stop)
+        if i >= stop:
+            return -1
+        if buf[i] == 125:
+            i += 1
+            break
+        if buf[i] != 44:
+            return -1
+        i = _skip_ws(buf, i + 1, stop)
+    if seen != 3 or lengths[0] != lengths[1]:
+        return -1  # the struct's own rule: the pydantic path words the reason
+    ctx[m, 0] = lengths[0]
+    return i
+
+
+@njit(cache=True, nogil=True)
+def _context_weights(buf: np.ndarray, ctx: np.ndarray, weights: np.ndarray,
+                     num: np.ndarray) -> int:
+    """Each context's weights from their spans (NaN where Clinger's path does not apply, for
+    Python's ``float``), summed left to right as ``sum()`` does: the number of NaNs, or -1 if
+    a weight is out of [0, 1] or a sum exceeds 1 + 1e-6 (the struct's rules)."""
+    inexact = 0
+    for m in range(ctx.shape[0]):
+        for k in range(ctx[m, 0]):
+            if _number(buf, ctx[m, 2 + 3 * k], ctx[m, 3 + 3 * k], num) < 0 or num[3] == 0.0:
+                weights[m, k] = math.nan
+                inexact += 1
+            else:
+                weights[m, k] = num[2]
+    if inexact:
+        return inexact
+    return -1 if _bad_weights(ctx, weights) else 0
+
+
+@njit(cache=True, nogil=True)
+def _bad_weights(ctx: np.ndarray, weights: np.ndarray) -> bool:
+    for m in range(ctx.shape[0]):
+        total = 0.0
+        for k in range(ctx[m, 0]):
+            w = weights[m, k]
+            if not (0.0 <= w <= 1.0):
+                return True
+            total += w
+        if total > 1.0 + 1e-6:
+            return True
+    return False
+
+
+@njit(cache=True)
 def _scan_one(buf: np.ndarray, start: int, stop: int, m: int, top: np.ndarray,
               top_offs: np.ndarray, feats: np.ndarray, feat_offs: np.ndarray,
               toks: np.ndarray, fvals: np.ndarray, nums: np.ndarray, spans: np.ndarray,
-              labels: np.ndarray, num: np.ndarray, scratch: np.ndarray) -> bool:
+              labels: np.ndarray, num: np.ndarray, scratch: np.ndarray, ctx: np.ndarray
+              ) -> bool:
     i = _skip_ws(buf, start, stop)
     if i >= stop or buf[i] != 123:
         return False
@@ -361,8 +477,12 @@ def _scan_one(buf: np.ndarray, start: int, stop: int, m: int, top: np.ndarray,
                     if buf[i] != 44:
                         return False
                     i = _skip_ws(buf, i + 1, stop)
-        else:  # context: only its absence is on the fast path
+        elif c == 110:  # "context": null
             i = _literal(buf, i, stop, b"null")
+            if i < 0:
+                return False
+        else:
+            i = _context(buf, i, stop, m, ctx, num)
             if i < 0:
                 return False
         i = _skip_ws(buf, i, stop)
@@ -380,13 +500,13 @@ def _scan_one(buf: np.ndarray, start: int, stop: int, m: int, top: np.ndarray,
 @njit(cache=True, nogil=True)
 def _scan(buf: np.ndarray, bounds: np.ndarray, top: np.ndarray, top_offs: np.ndarray,
           feats: np.ndarray, feat_offs: np.ndarray, toks: np.ndarray, fvals: np.ndarray,
-          nums: np.ndarray, spans: np.ndarray, labels: np.ndarray) -> int:
+          nums: np.ndarray, spans: np.ndarray, labels: np.ndarray, ctx: np.ndarray) -> int:
     """Scan every message; the index of the first one outside the fast path, or -1."""
     num = np.empty(4)
     scratch = np.zeros(4, dtype=np.int64)  # the token of a feature no slot reads
     for m in range(bounds.shape[0] - 1):
         if not _scan_one(buf, bounds[m], bounds[m + 1], m, top, top_offs, feats, feat_offs,
-                         toks, fvals, nums, spans, labels, num, scratch):
+                         toks, fvals, nums, spans, labels, num, scratch, ctx):
             return m
     return -1
 
@@ -578,7 +698,13 @@ def scan_labeled_events(values: list[bytes], plan: WirePlan) -> LabeledBatch | N
     nums = np.full((n, 3), math.nan)
     spans = np.zeros((n, 8), dtype=np.int64)
     labels = np.empty(n)
-    if _scan(data, bounds, *plan.top, *plan.features, toks, fvals, nums, spans, labels) >= 0:
+    ctx = np.empty((n, 1 + 3 * MAX_CONTEXT_CLUSTERS), dtype=np.int64)
+    ctx[:, 0] = -1  # no context
+    if _scan(data, bounds, *plan.top, *plan.features, toks, fvals, nums, spans, labels,
+             ctx) >= 0:
+        return None
+    contexts = _contexts(buf, data, ctx)
+    if contexts is False:
         return None
     for col in range(3):  # numbers off Clinger's path: Python's float, as the decoder rounds
         start, stop = spans[:, 2 + 2 * col], spans[:, 3 + 2 * col]
@@ -598,7 +724,29 @@ def scan_labeled_events(values: list[bytes], plan: WirePlan) -> LabeledBatch | N
     has_rate = ~np.isnan(rates)
     return LabeledBatch(SparseBatch(n, slots), labels, np.ascontiguousarray(ts),
                         np.where(has_rate, rates, 1.0) if has_rate.any() else None,
-                        values=values)
+                        contexts=contexts, values=values,
+                        event_ids=lambda: [buf[s:e].decode() for s, e in spans[:, :2].tolist()])
+
+
+def _contexts(buf: bytes, data: np.ndarray, ctx: np.ndarray) -> BatchContexts | bool | None:
+    """The scanned bandit contexts (``None`` if no event has one), or False when a weight or
+    a sum breaks the struct's rules."""
+    counts = ctx[:, 0]
+    if not (counts >= 0).any():
+        return None
+    width = max(int(counts.max()), 1)
+    weights = np.zeros((len(counts), width))
+    status = _context_weights(data, ctx, weights, np.empty(4))
+    if status < 0:
+        return False
+    if status > 0:  # weights off Clinger's path: Python's float, as the decoder rounds
+        for m, k in np.argwhere(np.isnan(weights)).tolist():
+            weights[m, k] = float(buf[ctx[m, 2 + 3 * k]:ctx[m, 3 + 3 * k]])
+        if _bad_weights(ctx, weights):
+            return False
+    clusters = np.ascontiguousarray(ctx[:, 1:1 + 3 * width:3])
+    clusters[np.arange(width)[None, :] >= counts[:, None]] = 0  # past each context: unset
+    return BatchContexts(counts.copy(), clusters, weights)
 
 
 def warm_up(plan: WirePlan) -> None:

@@ -31,8 +31,9 @@ from bandit.clusters import OnlineKMeans
 from bandit.context import context_for, user_slots, user_tower
 from bandit.diag_linucb import DiagLinUCB
 from featurestore.events import AnyLabeledEvent
-from featurestore.featurize import bandit_keys
-from featurestore.schema import ModelConfig, SlotSide
+from featurestore.featurize import Featurizer, SparseBatch, bandit_keys
+from featurestore.labeled_batch import LabeledBatch
+from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from freshrec.eventclock import EventClock
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
@@ -77,17 +78,21 @@ class ExplorationHook:
             metrics=metrics,
         )
 
-    def user_vectors(self, learner: OnlineLearner, events: list[AnyLabeledEvent]) -> np.ndarray:
+    def user_vectors(self, learner: OnlineLearner,
+                     batch: LabeledBatch | list[AnyLabeledEvent]) -> np.ndarray:
         """The user tower of each event from the current tables (zeros where no row)."""
-        batch = learner.featurizer.featurize_events(events, SlotSide.USER)
+        batch = _as_batch(batch, learner)
+        users = SparseBatch(batch.sparse.size, {
+            s.name: batch.sparse.slots[s.name] for s in self.config.slots
+            if s.side is SlotSide.USER})
 
         def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
             table = learner.tables[slot]
             return table.gather(table.find(ids))
 
-        return user_tower(self.config, batch, lookup)
+        return user_tower(self.config, users, lookup)
 
-    def contexts(self, events: list[AnyLabeledEvent], vectors: np.ndarray
+    def contexts(self, batch: LabeledBatch | list[AnyLabeledEvent], vectors: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mask, clusters, weights)``: the context of each event (logged, else computed).
 
@@ -95,36 +100,46 @@ class ExplorationHook:
         ``b``. ``mask`` is False where no context exists yet (no clusters before the first
         embeddings arrive).
         """
-        n = len(events)
+        if not isinstance(batch, LabeledBatch):
+            batch = LabeledBatch.of_events(batch, Featurizer(self.config))
+        n = len(batch)
+        logged = batch.contexts
         k = self.top_k
-        logged_k = max((len(e.context.clusters) for e in events if e.context), default=0)
-        width = max(k, logged_k)
+        width = max(k, logged.clusters.shape[1] if logged is not None else 0)
         clusters = np.zeros((n, width), dtype=np.int64)
         weights = np.zeros((n, width), dtype=np.float64)
         mask = np.zeros(n, dtype=bool)
-        need = [i for i, e in enumerate(events) if e.context is None]
-        for i, e in enumerate(events):
-            ctx = e.context
-            if ctx is not None and len(ctx.clusters) == len(ctx.weights):
-                valid = [j for j, c in enumerate(ctx.clusters) if c < self.bandit.n_clusters]
-                clusters[i, : len(valid)] = [ctx.clusters[j] for j in valid]
-                weights[i, : len(valid)] = [ctx.weights[j] for j in valid]
-                mask[i] = bool(valid)
-        if need and self.clusters.n_initialized:
-            idx = np.array(need)
-            cl, w = context_for(vectors[idx], self.clusters.centroids, k,
+        if logged is None:
+            need = np.arange(n)
+        else:
+            need = np.flatnonzero(logged.counts < 0)
+            # Logged clusters this bandit does not have (another cluster count) are dropped;
+            # the rest keep their order.
+            present = logged.counts >= 0
+            valid = ((np.arange(logged.clusters.shape[1])[None, :] < logged.counts[:, None])
+                     & (logged.clusters < self.bandit.n_clusters))
+            for i in np.flatnonzero(present & valid.any(axis=1)).tolist():
+                keep = valid[i]
+                m = int(keep.sum())
+                clusters[i, :m] = logged.clusters[i, keep]
+                weights[i, :m] = logged.weights[i, keep]
+                mask[i] = True
+        if len(need) and self.clusters.n_initialized:
+            cl, w = context_for(vectors[need], self.clusters.centroids, k,
                                 counts=self.clusters.counts)
-            clusters[idx, : cl.shape[1]] = cl
-            weights[idx, : w.shape[1]] = w
-            mask[idx] = True
+            clusters[need, : cl.shape[1]] = cl
+            weights[need, : w.shape[1]] = w
+            mask[need] = True
         return mask, clusters, weights
 
-    def on_batch(self, events: list[AnyLabeledEvent], learner: OnlineLearner) -> None:
+    def on_batch(self, batch: LabeledBatch | list[AnyLabeledEvent],
+                 learner: OnlineLearner) -> None:
         """Refine the clusters with this batch's users, then add the rewards."""
-        vectors = self.user_vectors(learner, events)
+        batch = _as_batch(batch, learner)
+        vectors = self.user_vectors(learner, batch)
         known = np.any(vectors != 0, axis=1)
         if known.any():
-            ts = float(self._times(events).max())  # the clock caps a skewed event
+            ts = float(self._times(batch.ts).max())  # the clock caps a skewed event
             before = (self.clusters.predict(vectors[known])
                       if self.clusters.n_initialized == self.clusters.n_clusters else None)
             reseeded = self.clusters.reseeded
@@ -137,20 +152,27 @@ class ExplorationHook:
                     self.metrics.cluster_assigned.inc(len(before))
                     self.metrics.cluster_reassigned.inc(moved)
                     self.metrics.cluster_reseeded.inc(self.clusters.reseeded - reseeded)
-        mask, clusters, weights = self.contexts(events, vectors)
+        mask, clusters, weights = self.contexts(batch, vectors)
         if not mask.any():
             return
-        chosen = [e for e, m in zip(events, mask, strict=True) if m]
+        event_ids = batch.event_ids()
         self.bandit.update(
-            bandit_keys([e.item_id for e in chosen]),
-            clusters[mask], weights[mask],
-            np.fromiter((e.label for e in chosen), dtype=np.float64, count=len(chosen)),
-            self._times(chosen),
-            event_ids=[e.event_id for e in chosen],
+            self._item_keys(batch)[mask], clusters[mask], weights[mask],
+            batch.labels[mask], self._times(batch.ts[mask]),
+            event_ids=[event_ids[i] for i in np.flatnonzero(mask).tolist()],
         )
 
-    def _times(self, events: list[AnyLabeledEvent]) -> np.ndarray:
-        ts = np.fromiter((e.ts for e in events), dtype=np.float64, count=len(events))
+    def _item_keys(self, batch: LabeledBatch) -> np.ndarray:
+        """The statistics' key of each event's item: a categorical item slot's IDs are those
+        keys already (``featurestore.featurize.bandit_keys``)."""
+        item = self.config.item_slot
+        if item.source == "item_id" and item.kind is SlotKind.CATEGORICAL:
+            return batch.sparse.slots[item.name].ids
+        return bandit_keys([e.item_id for e in batch.events])
+
+    def _times(self, ts: np.ndarray) -> np.ndarray:
+        """Event times capped at the event clock."""
+        ts = np.array(ts, dtype=np.float64)
         if self.clock is not None and math.isfinite(self.clock.now):
             np.minimum(ts, self.clock.now, out=ts)
         return ts
@@ -179,3 +201,9 @@ class ExplorationHook:
         else:
             log.warning("checkpointed clusters have dim %d, the user tower %d: starting afresh",
                         clusters.dim, self.clusters.dim)
+
+
+def _as_batch(batch: LabeledBatch | list[AnyLabeledEvent], learner: OnlineLearner
+              ) -> LabeledBatch:
+    return (batch if isinstance(batch, LabeledBatch)
+            else LabeledBatch.of_events(batch, learner.featurizer))

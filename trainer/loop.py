@@ -125,7 +125,7 @@ class _InFlight:
 class BatchHook(Protocol):
     """Something that learns from each trained batch too (exploration statistics)."""
 
-    def on_batch(self, events: list[AnyLabeledEvent], learner: OnlineLearner) -> None: ...
+    def on_batch(self, batch: LabeledBatch, learner: OnlineLearner) -> None: ...
     def save(self, directory: Path) -> None: ...
     def load(self, directory: Path) -> None: ...
 
@@ -516,7 +516,7 @@ class Trainer:
             result = outcome
             step_seconds = time.perf_counter() - step.started
             for hook in self.hooks:
-                hook.on_batch(batch.events, self.learner)
+                hook.on_batch(batch, self.learner)
             self._check_finite(result.probs)
         except Exception as exc:
             if self.learner.mutations != step.mutations or isinstance(exc, ModelDiverged):

@@ -58,6 +58,12 @@ def assert_agrees(values: list[bytes], config: ModelConfig = CONFIG) -> bool:
         assert got.sample_rates is None
     else:
         assert got.sample_rates.tolist() == want.sample_rates.tolist()
+    if want.contexts is None:
+        assert got.contexts is None
+    else:
+        for field in ("counts", "clusters", "weights"):
+            assert getattr(got.contexts, field).tolist() == getattr(want.contexts, field).tolist()
+    assert got.event_ids() == want.event_ids()
     assert got.events == want.events  # decoded on demand, the same structs
     return True
 
@@ -114,6 +120,24 @@ def with_features(**features) -> dict:
     BASE | {"user_id": ""}, BASE | {"user_id": 259}, BASE | {"item_id": "i" * 129},
     BASE | {"p_true": 1.5}, BASE | {"sample_rate": 0}, BASE | {"sample_rate": 1},
     BASE | {"unknown": 1}, BASE | {"context": {"clusters": [1], "weights": [0.5]}},
+    BASE | {"context": {"clusters": [], "weights": []}},
+    BASE | {"context": {"weights": [0.25, 1], "clusters": [3, 0]}},
+    BASE | {"context": {"clusters": [1, 2], "weights": [0.1234567890123456789, 0.3]}},
+    BASE | {"context": {"clusters": [1, 2], "weights": [0.5, 0.5000001]}},
+    BASE | {"context": {"clusters": [1, 2], "weights": [0.5, 0.6]}},
+    BASE | {"context": {"clusters": [1], "weights": [1.5]}},
+    BASE | {"context": {"clusters": [1], "weights": [-0.0]}},
+    BASE | {"context": {"clusters": [1, 2], "weights": [0.5]}},
+    BASE | {"context": {"clusters": [-1], "weights": [0.5]}},
+    BASE | {"context": {"clusters": [2**31], "weights": [0.5]}},
+    BASE | {"context": {"clusters": [2**31 - 1], "weights": [0.5]}},
+    BASE | {"context": {"clusters": [1.0], "weights": [0.5]}},
+    BASE | {"context": {"clusters": [1], "weights": ["0.5"]}},
+    BASE | {"context": {"clusters": [1], "weights": [0.5], "k": 1}},
+    BASE | {"context": {"clusters": [1]}},
+    BASE | {"context": {"clusters": list(range(64)), "weights": [1 / 64] * 64}},
+    BASE | {"context": {"clusters": list(range(65)), "weights": [1 / 65] * 65}},
+    BASE | {"context": []},
     {k: v for k, v in BASE.items() if k != "label"},
 ])
 def test_edge_cases_agree_with_the_struct_path(event: dict) -> None:
@@ -139,6 +163,10 @@ def test_edge_cases_agree_with_the_struct_path(event: dict) -> None:
     orjson.dumps(BASE).replace(b'"age":"21"', b'"age":-0'),
     orjson.dumps(BASE).replace(b'"age":"21"', b'"age":1E2'),
     orjson.dumps(BASE).replace(b'"genres":["Comedy","Romance"]', b'"genres":-0'),
+    orjson.dumps(BASE | {"context": {"clusters": [1], "weights": [0.5]}}).replace(
+        b'"weights"', b'"clusters":[2],"weights"'),
+    orjson.dumps(BASE | {"context": {"clusters": [1], "weights": [0.5]}}).replace(
+        b'"weights":[0.5]', b'"weightz":[0.5]'),
 ])
 def test_malformed_values_are_declined_or_agree(raw: bytes) -> None:
     for config in (CONFIG, EXTENDED):
@@ -164,6 +192,9 @@ _value = st.one_of(_text, _number, st.lists(_text, max_size=4))
         st.sampled_from(["age", "gender", "genres", "release_year", "tags", "score", "x"]),
         _value, max_size=6),
         "sample_rate": st.floats(0.01, 1.0), "p_true": st.floats(0, 1),
+        "context": st.one_of(st.none(), st.integers(0, 5).flatmap(lambda k: st.fixed_dictionaries(
+            {"clusters": st.lists(st.integers(0, 40), min_size=k, max_size=k),
+             "weights": st.lists(st.floats(0, 0.3), min_size=k, max_size=k)}))),
         "request_id": st.one_of(st.none(), _text.filter(bool))}),
     min_size=1, max_size=8))
 def test_generated_batches_agree_with_the_struct_path(events: list[dict]) -> None:
