@@ -78,6 +78,20 @@ def _skip_ws(buf: np.ndarray, i: int, stop: int) -> int:
     return i
 
 
+@njit(cache=True, inline="always")
+def _separator(buf: np.ndarray, i: int, stop: int, close: int) -> tuple[int, bool]:
+    """After an item of an array or object: past the ``,`` and whitespace (``(next, False)``)
+    or past the closing ``close`` (``(next, True)``); ``(-1, False)`` for anything else."""
+    i = _skip_ws(buf, i, stop)
+    if i >= stop:
+        return -1, False
+    if buf[i] == close:
+        return i + 1, True
+    if buf[i] != 44:
+        return -1, False
+    return _skip_ws(buf, i + 1, stop), False
+
+
 @njit(cache=True)
 def _match(buf: np.ndarray, s: int, e: int, names: np.ndarray, offs: np.ndarray) -> int:
     """Index of the name equal to ``buf[s:e]``, or -1."""
@@ -226,15 +240,12 @@ def _value(buf: np.ndarray, i: int, stop: int, tok: np.ndarray, num: np.ndarray)
             count += 1
             if count > MAX_LIST_LEN:
                 return -1
-            j = _skip_ws(buf, e + 1, stop)
-            if j >= stop:
+            j, done = _separator(buf, e + 1, stop, 93)
+            if j < 0:
                 return -1
-            if buf[j] == 93:
-                tok[0], tok[1], tok[2] = _LIST, i, j + 1
-                return j + 1
-            if buf[j] != 44:
-                return -1
-            j = _skip_ws(buf, j + 1, stop)
+            if done:
+                tok[0], tok[1], tok[2] = _LIST, i, j
+                return j
     if c == 45 or 48 <= c <= 57:
         e = _number(buf, i, stop, num)
         if e < 0 or (num[1] == 0.0 if num[0] == 1.0 else num[3] == 0.0):
@@ -314,25 +325,17 @@ def _context(buf: np.ndarray, i: int, stop: int, m: int, ctx: np.ndarray,
                 else:
                     ctx[m, 2 + 3 * count], ctx[m, 3 + 3 * count] = i, e
                 count += 1
-                i = _skip_ws(buf, e, stop)
-                if i >= stop:
+                i, done = _separator(buf, e, stop, 93)
+                if i < 0:
                     return -1
-                if buf[i] == 93:
-                    i += 1
+                if done:
                     break
-                if buf[i] != 44:
-                    return -1
-                i = _skip_ws(buf, i + 1, stop)
         lengths[key] = count
-        i = _skip_ws(buf, i, stop)
-        if i >= stop:
+        i, done = _separator(buf, i, stop, 125)
+        if i < 0:
             return -1
-        if buf[i] == 125:
-            i += 1
+        if done:
             break
-        if buf[i] != 44:
-            return -1
-        i = _skip_ws(buf, i + 1, stop)
     if seen != 3 or lengths[0] != lengths[1]:
         return -1  # the struct's own rule: the pydantic path words the reason
     ctx[m, 0] = lengths[0]
@@ -468,15 +471,11 @@ def _scan_one(buf: np.ndarray, start: int, stop: int, m: int, top: np.ndarray,
                     count += 1
                     if count > MAX_FEATURES:
                         return False
-                    i = _skip_ws(buf, i, stop)
-                    if i >= stop:
+                    i, done = _separator(buf, i, stop, 125)
+                    if i < 0:
                         return False
-                    if buf[i] == 125:
-                        i += 1
+                    if done:
                         break
-                    if buf[i] != 44:
-                        return False
-                    i = _skip_ws(buf, i + 1, stop)
         elif c == 110:  # "context": null
             i = _literal(buf, i, stop, b"null")
             if i < 0:
@@ -485,15 +484,11 @@ def _scan_one(buf: np.ndarray, start: int, stop: int, m: int, top: np.ndarray,
             i = _context(buf, i, stop, m, ctx, num)
             if i < 0:
                 return False
-        i = _skip_ws(buf, i, stop)
-        if i >= stop:
+        i, done = _separator(buf, i, stop, 125)
+        if i < 0:
             return False
-        if buf[i] == 125:
-            i += 1
+        if done:
             break
-        if buf[i] != 44:
-            return False
-        i = _skip_ws(buf, i + 1, stop)
     return (seen & _REQUIRED) == _REQUIRED and _skip_ws(buf, i, stop) == stop
 
 
