@@ -226,6 +226,7 @@ class OnlineLearner:
         all-reduce of a step even when its share of the step is shorter or empty."""
         n = len(y)
         kinds, lrs, betas, l1s, l2s = self._optimizer_params()
+        bias_lrs = np.full_like(lrs, self.bias_lr)
         probs = np.empty(n, dtype=np.float64)
         wide_logit = np.empty(n, dtype=np.float64)
         scratch = np.empty(self.width, dtype=np.float32)
@@ -238,7 +239,7 @@ class OnlineLearner:
             wide.pool_examples(ws.W, ws.loc, ws.offs, lo, hi, self.starts, self.dims, x)
             deep = self.model(torch.from_numpy(x))
             wide.learn_wide(ws.W, ws.S1, ws.S2, ws.loc, ws.offs, lo, hi, self.starts,
-                            self.dims, kinds, lrs, np.full_like(lrs, self.bias_lr), betas, l1s, l2s,
+                            self.dims, kinds, lrs, bias_lrs, betas, l1s, l2s,
                             self.fm_dim, self.sides,
                             deep.detach().numpy().astype(np.float64), offset, y, probs,
                             wide_logit, scratch)
