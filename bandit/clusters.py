@@ -87,12 +87,13 @@ class OnlineKMeans:
             return X
         live = np.setdiff1d(np.arange(self._n_init), empty)
         used = np.zeros(len(X), dtype=bool)
+        # Squared distance to the nearest live centre, kept up to date as centres are added
+        # (the minimum with the new centre's distances) instead of recomputed against every
+        # live centre for each empty one: the same numbers, one pass over the live centres.
+        nearest = (((X[:, None, :] - self._centers[live][None, :, :]) ** 2).sum(-1).min(1)
+                   if live.size else None)
         for j in empty:
-            if live.size:
-                c = self._centers[live]
-                d2 = ((X[:, None, :] - c[None, :, :]) ** 2).sum(-1).min(1)
-            else:
-                d2 = np.ones(len(X))
+            d2 = np.ones(len(X)) if nearest is None else nearest.copy()
             d2[used] = 0.0
             total = d2.sum()
             if total <= 1e-12:
@@ -101,7 +102,8 @@ class OnlineKMeans:
             self._centers[j] = X[i]
             self._counts[j] = 1.0
             used[i] = True
-            live = np.append(live, j)
+            to_new = ((X - self._centers[j]) ** 2).sum(-1)
+            nearest = to_new if nearest is None else np.minimum(nearest, to_new)
             self.reseeded += 1
         return X[~used]
 
