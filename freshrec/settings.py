@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     # /healthz on the metrics port fails once the training loop has not come round for this
     # long (a checkpoint of big tables is the longest legitimate pause).
     trainer_liveness_timeout_s: PositiveFloat = 120.0
+    # Trainer ranks: a collective waits this long for a rank that hangs or is cut off (one that
+    # crashed is noticed at once). Longer than the slowest rank's checkpoint save, which the
+    # others wait for at the checkpoint barrier.
+    trainer_collective_timeout_s: PositiveFloat = 60.0
 
     # --- joiner ---------------------------------------------------------------------------
     joiner_window_s: PositiveFloat = 300.0

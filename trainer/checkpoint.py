@@ -99,6 +99,12 @@ class Checkpointer:
         _fsync_tree(tmp)
         final = self.directory / name
         os.replace(tmp, final)
+        self._point_latest_at(name)
+        self._prune(keep={name, latest.path.name if latest else name})
+        return Checkpoint(final, manifest)
+
+    def _point_latest_at(self, name: str) -> None:
+        """Atomically name ``name`` the latest checkpoint (durable when this returns)."""
         pointer = self.directory / ".LATEST.tmp"
         pointer.write_text(name)
         fd = os.open(pointer, os.O_RDONLY)
@@ -108,8 +114,6 @@ class Checkpointer:
             os.close(fd)
         os.replace(pointer, self.directory / "LATEST")
         _fsync_dir(self.directory)
-        self._prune(keep={name, latest.path.name if latest else name})
-        return Checkpoint(final, manifest)
 
     def latest(self) -> Checkpoint | None:
         """The checkpoint ``LATEST`` names, or None if there is none yet."""
@@ -121,6 +125,28 @@ class Checkpointer:
         if manifest.get("format") != FORMAT:
             raise ValueError(f"{path}: checkpoint format {manifest.get('format')} != {FORMAT}")
         return Checkpoint(path, manifest)
+
+    def complete(self) -> list[Checkpoint]:
+        """Every complete checkpoint on disk (the latest and the one before it, after a save),
+        oldest first."""
+        found = []
+        for path in sorted(self.directory.glob("ckpt-*")):
+            manifest = path / "manifest.json"
+            if path.name[5:].isdigit() and manifest.is_file():
+                found.append(Checkpoint(path, json.loads(manifest.read_text())))
+        return found
+
+    def rewind(self, to: Checkpoint) -> None:
+        """Make ``to`` the latest checkpoint again and delete every newer one.
+
+        Trainer ranks restore the newest checkpoint *all* of them completed; a rank that got
+        one step further before another died holds a checkpoint no other rank has, which must
+        never be restored later (nor keep ``to`` from being the one kept by the next prune).
+        """
+        self._point_latest_at(to.path.name)
+        for ckpt in self.complete():
+            if ckpt.manifest["seq"] > to.manifest["seq"]:
+                shutil.rmtree(ckpt.path, ignore_errors=True)
 
     def _sequences(self) -> list[int]:
         return [int(p.name[5:]) for p in self.directory.glob("ckpt-*")

@@ -72,7 +72,7 @@ from freshrec.kafka import (
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from joiner.join import log_odds_correction
-from trainer.checkpoint import Checkpointer, load_arrays, save_arrays
+from trainer.checkpoint import Checkpoint, Checkpointer, load_arrays, save_arrays
 from trainer.learner import OnlineLearner, StepResult
 from trainer.model import (
     load_model_arrays,
@@ -198,6 +198,11 @@ class Trainer:
         ckpt = self.checkpointer.latest()
         if ckpt is None:
             return False
+        self._load_checkpoint(ckpt)
+        return True
+
+    def _load_checkpoint(self, ckpt: Checkpoint) -> None:
+        """State, offsets, clock and counters from ``ckpt``."""
         if ckpt.manifest.get("schema_hash") != self.config.schema_hash:
             raise RuntimeError(f"{ckpt.path}: written for another model config "
                                f"({ckpt.manifest.get('schema_hash')} != {self.config.schema_hash})")
@@ -216,7 +221,6 @@ class Trainer:
         self.trained = int(ckpt.manifest.get("trained", 0))
         self.dead_lettered = int(ckpt.manifest.get("dead_lettered", 0))
         log.info("restored %s (offsets %s)", ckpt.path.name, self.offsets)
-        return True
 
     def _restore_clock(self, manifest: dict[str, Any]) -> None:
         """The event clock of a checkpoint, capped at wall clock + skew.
@@ -239,6 +243,11 @@ class Trainer:
     def checkpoint(self) -> None:
         """Durable checkpoint of everything, then commit its offsets to Kafka."""
         started = time.perf_counter()
+        self._save_checkpoint({})
+        self._commit_checkpointed(started)
+
+    def _save_checkpoint(self, manifest: dict[str, Any]) -> Checkpoint:
+        """The durable checkpoint (``manifest`` adds fields to its manifest); no commit."""
         # Dead letters must be durable before the offsets that skip their sources are:
         # flush() returns how many are still undelivered (timeout), which is a failure too.
         undelivered = self._dlq.flush(30)
@@ -258,13 +267,17 @@ class Trainer:
         offsets: dict[str, dict[str, int]] = {}
         for (topic, partition), offset in self.offsets.items():
             offsets.setdefault(topic, {})[str(partition)] = offset
-        self.checkpointer.save(writers, {
-            "offsets": offsets, "schema_hash": self.config.schema_hash,
+        saved = self.checkpointer.save(writers, {
+            **manifest, "offsets": offsets, "schema_hash": self.config.schema_hash,
             "max_event_ts": self.max_event_ts, "trained": self.trained,
             "dead_lettered": self.dead_lettered,
             "event_clock": self.clock.state(),
         })
         self._suspects.clear()  # replays now start past them
+        return saved
+
+    def _commit_checkpointed(self, started: float) -> None:
+        """Commit the offsets of the checkpoint just saved (started at ``started``)."""
         commit_offsets(self._consumer, self.offsets)
         self._last_checkpoint = time.monotonic()
         self.metrics.last_checkpoint.set(time.time())
@@ -696,12 +709,16 @@ class Trainer:
             if self.offsets:
                 self.checkpoint()
         finally:
-            if self.publisher is not None:
-                self.publisher.close()
-            self._consumer.close()
-            self._dlq.flush(10)
-            if self._audit is not None:
-                self._audit.close()
+            self._release()
+
+    def _release(self) -> None:
+        """Release Kafka, the publisher and the audit log (no checkpoint)."""
+        if self.publisher is not None:
+            self.publisher.close()
+        self._consumer.close()
+        self._dlq.flush(10)
+        if self._audit is not None:
+            self._audit.close()
 
     def ensure_checkpoint(self) -> None:
         """Write a first checkpoint of the initial state, so a rollback always has a target."""

@@ -10,7 +10,9 @@ Rank ``r`` of ``R``:
   ranks; the group id is only where offsets are committed for lag monitoring);
 - owns the embedding rows of buckets ``k % R == r`` (:class:`~trainer.sharded.ShardedLearner`);
 - checkpoints into ``<trainer_checkpoint_dir>/rank-<r>`` (its rows, the dense weights, its
-  partitions' offsets), at the step rank 0 chose, so all ranks checkpoint the same step.
+  partitions' offsets), at the step rank 0 chose: a *global* checkpoint, one round number on
+  every rank, offsets committed only after every rank saved it, and a restart restores the
+  newest round all ranks hold (:meth:`RankedTrainer.restore`).
 
 Steps are driven by time: each rank consumes for at most ``trainer_batch_max_wait_ms``, and
 then every rank takes the step, an idle one with no examples. A step starts with one
@@ -22,10 +24,15 @@ the others.
 Expiry follows one watermark: the minimum of the ranks' event clocks (ranks without events yet
 have no say), so no owner expires a row that a rank still behind in event time could use.
 
+A rank that fails (crash, ``kill -9``, a failing batch) fails the others' next collective: at
+once when its connections close, after ``trainer_collective_timeout_s`` when it hangs. Every
+rank then exits, and the launcher (``torchrun --max-restarts``, the StatefulSet) starts all of
+them again from the last global checkpoint: events after it are learned again, once, and none
+before it is learned twice.
+
 Not in ranks yet: publishing (each rank's buckets to its own chains, rank 0 the head),
-exploration statistics, the per-event isolation of a failing batch (a failure stops the rank,
-and the others stop at the collective's timeout), and a barrier between the ranks' checkpoints
-and their offset commits.
+exploration statistics, and the per-event isolation of a failing batch (a failure stops the
+rank, and so all of them).
 """
 
 from __future__ import annotations
@@ -52,8 +59,6 @@ from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks, ShardedLearner
 
 log = logging.getLogger("freshrec.trainer")
 
-# A rank that stops answering (crashed, stuck) fails the others' collectives after this long.
-COLLECTIVE_TIMEOUT = timedelta(seconds=120)
 
 
 def ranks_from_env(settings: Settings) -> Ranks | None:
@@ -65,11 +70,22 @@ def ranks_from_env(settings: Settings) -> Ranks | None:
                  settings.snapshot_buckets or DEFAULT_RANK_BUCKETS)
 
 
-def join_process_group(ranks: Ranks) -> None:
-    """Join the gloo group (``MASTER_ADDR``/``MASTER_PORT`` rendezvous) unless joined."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world,
-                                timeout=COLLECTIVE_TIMEOUT)
+def join_process_group(ranks: Ranks, timeout_s: float) -> None:
+    """Join the gloo group (``MASTER_ADDR``/``MASTER_PORT`` rendezvous) unless joined.
+
+    ``timeout_s`` bounds every collective: a rank that crashed is noticed at once (gloo sees
+    the connection close), one that hangs or is cut off after this long; the others then fail
+    and the launcher restarts all of them from the last global checkpoint.
+    """
+    if dist.is_initialized():
+        return
+    timeout = timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", ranks.rank, ranks.world, timeout=timeout))
+    # torchrun keeps one store across the restarts of a worker group: without a prefix per
+    # attempt, a restarted rank reads the address a dead rank published and fails to connect.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"freshrec/attempt-{attempt}", store),
+                            rank=ranks.rank, world_size=ranks.world, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -89,14 +105,70 @@ class RankedTrainer(Trainer):
 
     def __init__(self, settings: Settings, config: ModelConfig, ranks: Ranks,
                  metrics: TrainerMetrics | None = None) -> None:
+        audit = settings.trainer_audit_log
         settings = settings.model_copy(update={
-            "trainer_checkpoint_dir": settings.trainer_checkpoint_dir / f"rank-{ranks.rank}"})
+            "trainer_checkpoint_dir": settings.trainer_checkpoint_dir / f"rank-{ranks.rank}",
+            "trainer_audit_log": None if audit is None
+            else audit.with_name(f"{audit.name}.rank-{ranks.rank}")})
         learner = ShardedLearner(config, ranks, seed=settings.trainer_seed,
                                  micro_batch=settings.trainer_micro_batch)
         super().__init__(settings, config, metrics, hooks=[], learner=learner)
         self.ranks = ranks
         self.steps = 0
         self.empty_steps = 0
+        # The global checkpoint this rank's state belongs to (None before the first one).
+        self.round: int | None = None
+
+    # --- global checkpoints --------------------------------------------------------------
+
+    def restore(self) -> bool:
+        """Restore the newest global checkpoint: the newest round *every* rank completed.
+
+        Collective. A rank that saved round N+1 before another rank died holds a checkpoint
+        the others lack; it restores round N (kept by the prune) and drops N+1, so the ranks'
+        rows, dense weights and offsets all belong to one step. Nothing is shared on disk (in
+        k8s each rank has its own volume): the ranks exchange which rounds they hold.
+        """
+        on_disk = [c for c in self.checkpointer.complete() if "round" in c.manifest]
+        held = {int(c.manifest["round"]): c for c in on_disk
+                if c.manifest.get("world") == self.ranks.world}
+        everyone: list[tuple[set[int], int] | None] = [None] * self.ranks.world
+        dist.all_gather_object(everyone, (set(held), max(
+            (int(c.manifest["round"]) for c in on_disk), default=-1)))
+        common = set.intersection(*(h for h, _ in everyone))  # type: ignore[misc]
+        if not common:
+            if max(newest for _, newest in everyone) > 0:  # type: ignore[misc]
+                raise RuntimeError(
+                    f"no global checkpoint of {self.ranks.world} ranks that all hold (rounds "
+                    f"per rank: {[sorted(h) for h, _ in everyone]}): a rank lost its volume "
+                    "or the world size changed; resharding is not built")
+            return False  # a fresh start (round 0 is the empty state)
+        chosen = held[max(common)]
+        self.checkpointer.rewind(chosen)
+        self._load_checkpoint(chosen)
+        self.round = max(common)
+        return True
+
+    def ensure_checkpoint(self) -> None:
+        """Round 0, the initial state, on every rank (collective) when nothing was restored."""
+        if self.round is None:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """A global checkpoint: every rank saves the same round at the same step, and only
+        once all have saved does any rank commit its offsets.
+
+        Called by every rank at the step rank 0 chose (and at the end). A rank that dies before
+        the barrier leaves round N+1 incomplete: the restart restores round N everywhere, whose
+        offsets are at or behind every offset committed so far.
+        """
+        started = time.perf_counter()
+        nxt = 0 if self.round is None else self.round + 1
+        self._save_checkpoint({"round": nxt, "rank": self.ranks.rank,
+                               "world": self.ranks.world})
+        dist.barrier()
+        self.round = nxt
+        self._commit_checkpointed(started)
 
     # --- one step ------------------------------------------------------------------------
 
@@ -181,20 +253,17 @@ class RankedTrainer(Trainer):
         except BaseException:
             # The state may be half-learned, or the other ranks gone: no checkpoint of it.
             # Every rank restarts from its last checkpoint, which all ranks took at one step.
-            self._consumer.close()
-            self._dlq.flush(10)
+            self._release()
             raise
-        if not self.offsets:
-            # An idle rank still owns rows (it served them to the others): close() checkpoints
-            # only a rank that consumed something, so this one checkpoints here.
-            self.checkpoint()
-        self.close()
+        # The last global checkpoint, taken by every rank (an idle one too: it owns rows).
+        self.checkpoint()
+        self._release()
 
 
 def build_ranked_trainer(settings: Settings, ranks: Ranks,
                          metrics: TrainerMetrics | None = None) -> RankedTrainer:
     """Join the process group, then a rank restored from its own checkpoint."""
-    join_process_group(ranks)
+    join_process_group(ranks, settings.trainer_collective_timeout_s)
     trainer = RankedTrainer(settings, load_model_config(settings.model_config_path), ranks,
                             metrics)
     trainer.restore()
