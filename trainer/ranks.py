@@ -88,6 +88,25 @@ def join_process_group(ranks: Ranks, timeout_s: float) -> None:
                             rank=ranks.rank, world_size=ranks.world, timeout=timeout)
 
 
+def global_round(held: list[set[int]], newest: list[int]) -> int | None:
+    """The newest checkpoint round every rank holds (``held[r]``: the rounds of this world
+    size on rank r's disk, ``newest[r]``: its newest round of any world size).
+
+    ``None`` is a fresh start: no common round, and no rank got past round 0 (the empty
+    state every rank saves first). Ranks holding learned state with nothing in common (a
+    rank lost its volume, the world size changed) is an error: starting over would drop it.
+    """
+    common = set.intersection(*held)
+    if common:
+        return max(common)
+    if max(newest) > 0:
+        raise RuntimeError(
+            f"no checkpoint round that all {len(held)} ranks hold (rounds per rank: "
+            f"{[sorted(h) for h in held]}): a rank lost its volume or the world size "
+            "changed, and resharding is not built")
+    return None
+
+
 @dataclass(frozen=True)
 class StepHeader:
     """What every rank told the others at the start of a step."""
@@ -135,18 +154,13 @@ class RankedTrainer(Trainer):
         everyone: list[tuple[set[int], int] | None] = [None] * self.ranks.world
         dist.all_gather_object(everyone, (set(held), max(
             (int(c.manifest["round"]) for c in on_disk), default=-1)))
-        common = set.intersection(*(h for h, _ in everyone))  # type: ignore[misc]
-        if not common:
-            if max(newest for _, newest in everyone) > 0:  # type: ignore[misc]
-                raise RuntimeError(
-                    f"no global checkpoint of {self.ranks.world} ranks that all hold (rounds "
-                    f"per rank: {[sorted(h) for h, _ in everyone]}): a rank lost its volume "
-                    "or the world size changed; resharding is not built")
-            return False  # a fresh start (round 0 is the empty state)
-        chosen = held[max(common)]
-        self.checkpointer.rewind(chosen)
-        self._load_checkpoint(chosen)
-        self.round = max(common)
+        chosen = global_round([h for h, _ in everyone],  # type: ignore[misc]
+                              [newest for _, newest in everyone])  # type: ignore[misc]
+        if chosen is None:
+            return False
+        self.checkpointer.rewind(held[chosen])
+        self._load_checkpoint(held[chosen])
+        self.round = chosen
         return True
 
     def ensure_checkpoint(self) -> None:

@@ -41,3 +41,19 @@ def test_crash_between_rename_and_latest_does_not_crash_loop(
         assert load_arrays(saved.path / "state")["x"][0] == n
     names = sorted(p.name for p in tmp_path.glob("ckpt-*"))
     assert len(names) == 2 and store.latest().path.name == names[-1]  # orphan pruned
+
+
+def test_rewind_makes_an_earlier_checkpoint_latest_and_drops_the_newer(tmp_path: Path) -> None:
+    """A rank one global round ahead of the others goes back to the round they all hold;
+    the next save then keeps that round as the previous one (what a restart would need)."""
+    store = Checkpointer(tmp_path)
+    store.save(writers(1.0), {"round": 1})
+    store.save(writers(2.0), {"round": 2})
+    one, two = store.complete()
+    assert [c.manifest["round"] for c in (one, two)] == [1, 2]
+    store.rewind(one)
+    assert store.latest() == one
+    assert [c.manifest["round"] for c in store.complete()] == [1]
+    store.save(writers(3.0), {"round": 2})
+    assert [c.manifest["round"] for c in store.complete()] == [1, 2]
+    assert load_arrays(store.latest().path / "state")["x"][0] == 3.0

@@ -15,6 +15,7 @@ from featurestore.snapshot_keys import bucket_of
 from freshrec.settings import default_model_config_path
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
 from trainer.learner import OnlineLearner
+from trainer.ranks import global_round
 from trainer.sharded import Ranks, ShardedLearner, _admitted_positions
 
 
@@ -71,3 +72,13 @@ def test_leading_not_admitted_occurrences_read_no_row() -> None:
     inverse = np.array([0, 1, 0, 0])
     rows = _admitted_positions(inverse, np.array([3, 1]), np.array([2, 0]))
     assert rows.tolist() == [-1, 1, -1, 0]
+
+
+def test_ranks_restore_the_newest_round_every_rank_holds() -> None:
+    # rank 0 saved round 3 before rank 1 died: both restore round 2
+    assert global_round([{2, 3}, {1, 2}], [3, 2]) == 2
+    assert global_round([{0}, set()], [0, -1]) is None  # died during the first round: fresh
+    with pytest.raises(RuntimeError, match="lost its volume"):
+        global_round([{4, 5}, set()], [5, -1])
+    with pytest.raises(RuntimeError, match="world size"):  # rounds of another world size
+        global_round([set(), set()], [7, 7])
