@@ -125,6 +125,7 @@ def kill_one_rank(settings: Settings, events: list[dict], work: Path,
         if summary.failed:
             raise RuntimeError(f"producing: {summary.errors[:3]}")
 
+    work.mkdir(parents=True, exist_ok=True)
     log = (work / "torchrun.log").open("ab")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",

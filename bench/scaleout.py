@@ -14,7 +14,10 @@ events, in this order:
 Throughput is events / (last step with events - first step with events), from the ranks'
 wall clocks (the group join and start-up are excluded alike). The 2-rank state is compared to
 the 1-rank state with :mod:`trainer.rank_check` (``equal_to_one_rank``), and every rank counts
-the bytes it sent in the step's collectives. Writes ``bench/results/scaleout.json``.
+the bytes it sent in the step's collectives. Then the ``kill -9`` drill of
+:mod:`bench.rank_kill` on a topic of its own (``torchrun --max-restarts 1 freshrec trainer``,
+rank 1 killed mid-stream): ``lost_events_after_rank_kill`` and ``recovery_s``. Writes
+``bench/results/scaleout.json``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,12 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.rank_kill import kill_one_rank
 from bench.results_file import RESULTS
 from featurestore.schema import load_model_config
 from featurestore.table import TableSet
 from freshrec.devstack import LocalStack
+from freshrec.kafka import create_topics
 from freshrec.replay import replay
 from freshrec.settings import Settings
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
@@ -46,6 +51,7 @@ from trainer.checkpoint import Checkpointer, load_arrays
 from trainer.rank_check import RankState, distance, load_rank_states
 
 WORLD = 2
+KILL_EVENTS = 15_000  # the kill -9 drill: three shares of 5,000
 
 
 def _timed_steps(trainer: Any, method: str, marks: dict[str, float]) -> None:
@@ -131,6 +137,12 @@ def main() -> None:
             "trainer_group_id": f"{topic}-ranks", "trainer_checkpoint_dir": work / "ranks"})
         mp.spawn(rank_main, args=(rank_settings, _free_port(), total, str(work)),
                  nprocs=WORLD)
+        drill_topic = topic + "-kill"
+        create_topics(stack.kafka_bootstrap, [drill_topic, drill_topic + ".dlq"], WORLD)
+        kill = kill_one_rank(base.model_copy(update={
+            "topic_events": drill_topic, "topic_dlq": drill_topic + ".dlq",
+            "trainer_group_id": drill_topic}),
+            list(SyntheticStream(SyntheticConfig(seed=4)).events(KILL_EVENTS)), work / "kill")
     one = orjson.loads((work / "one.json").read_bytes())
     ranks = [orjson.loads((work / f"rank-{r}.json").read_bytes()) for r in range(WORLD)]
     config = load_model_config(base.model_config_path)
@@ -163,9 +175,14 @@ def main() -> None:
         "steps_per_rank": [r["steps"] for r in ranks],
         "empty_steps_per_rank": [r["empty_steps"] for r in ranks],
         "events_per_rank": [r["trained"] for r in ranks],
+        "lost_events_after_rank_kill": kill.lost_events,
+        "recovery_s": round(kill.recovery_s, 2),
+        "rank_kill": {"produced": kill.produced, "trained": kill.trained,
+                      "learned_twice": kill.learned_twice,
+                      "restored_round": kill.rounds_before_kill,
+                      "relearned_after_restart": kill.relearned},
         "not_measured": ["redis_masters", "served_buckets_on_masters",
-                         "lost_updates_during_reshard", "lost_events_after_rank_kill",
-                         "recovery_s"],
+                         "lost_updates_during_reshard"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaleout.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -10,6 +10,7 @@ import socket
 import threading
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 import torch.multiprocessing as mp
@@ -39,11 +40,14 @@ def _rank_main(rank: int, settings: Settings, port: int, max_events: int, out: s
     from trainer.ranks import loopback_rank_trainer
 
     trainer = loopback_rank_trainer(settings, rank, WORLD, port)
+    watermarks: list[float] = []  # what every sweep of this rank expired at
+    sweep = trainer.sweep
+    trainer.sweep = lambda now=None: watermarks.append(now) or sweep(now)  # type: ignore
     trainer.run(max_events=max_events)
     Path(out, f"rank-{rank}.json").write_bytes(orjson.dumps({
         "trained": trainer.trained, "steps": trainer.steps,
         "empty_steps": trainer.empty_steps, "partitions": sorted(
-            p for (_t, p) in trainer.offsets)}))
+            p for (_t, p) in trainer.offsets), "sweeps": watermarks}))
     dist.destroy_process_group()
 
 
@@ -101,9 +105,13 @@ def test_two_ranks_learn_what_one_process_learns(settings: Settings, tmp_path: P
     assert single.trained == EVENTS
 
     summaries = run_ranks(settings.model_copy(update={
-        "trainer_group_id": settings.trainer_group_id + "-ranks"}), EVENTS, tmp_path)
+        "trainer_group_id": settings.trainer_group_id + "-ranks",
+        "trainer_sweep_interval_s": 0.05}), EVENTS, tmp_path)
     assert sum(s["trained"] for s in summaries) == EVENTS
     assert [s["partitions"] for s in summaries] == [[0], [1]]
+    # One shared watermark: every rank swept at the same steps, at the same event time.
+    assert summaries[0]["sweeps"] == summaries[1]["sweeps"]
+    assert any(w is not None for w in summaries[0]["sweeps"])  # a finite one (null: -inf)
     states = load_rank_states(settings.trainer_checkpoint_dir, WORLD, config)
 
     # Each rank holds only the rows of its own buckets.
@@ -118,6 +126,20 @@ def test_two_ranks_learn_what_one_process_learns(settings: Settings, tmp_path: P
     assert d.dense_identical_across_ranks
     assert d.same_ids
     assert d.equal, d
+
+    # At one watermark, the owners together expire exactly the IDs one process expires, each
+    # only the IDs of its own buckets (half of the users' rows are older than it).
+    user = one.tables["user"]
+    watermark = float(np.median(user.last_seen_times())) + user.config.ttl_seconds
+    users = len(user)
+    gone = one.tables.sweep_expired(watermark)
+    by_rank = [state.tables.sweep_expired(watermark) for state in states]
+    assert 0 < len(gone["user"]) < users
+    for slot, ids in gone.items():
+        parts = [g.get(slot, np.empty(0, np.int64)) for g in by_rank]
+        for r, part in enumerate(parts):
+            assert (Ranks(r, WORLD, DEFAULT_RANK_BUCKETS).owner_of(part) == r).all(), slot
+        assert sorted(np.concatenate(parts).tolist()) == sorted(ids.tolist()), slot
 
 
 def test_an_idle_partition_does_not_stall_the_other_rank(settings: Settings,

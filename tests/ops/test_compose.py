@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -15,8 +16,11 @@ import yaml
 from bench import SHIPPED_EXTRAS, extra_requirements
 from freshrec.settings import Settings
 from tests.ops import DATASOURCE_UID, ROOT
+from trainer.ranks import ranks_from_env
+from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks
 
 COMPOSE = ROOT / "docker-compose.yml"
+RANKS = ROOT / "docker-compose.ranks.yml"  # the trainer as ranks, over COMPOSE
 FRESHREC_SERVICES = ("trainer", "joiner", "service", "replay")
 
 
@@ -37,6 +41,19 @@ def compose() -> dict:
 
 def _env(compose: dict, name: str) -> dict[str, str]:
     return {k: str(v) for k, v in compose["services"][name].get("environment", {}).items()}
+
+
+def _scrape_targets() -> dict[str, list[str]]:
+    """Prometheus's targets per job (static, or DNS names with their port)."""
+    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    out = {}
+    for job in prom["scrape_configs"]:
+        if "static_configs" in job:
+            out[job["job_name"]] = job["static_configs"][0]["targets"]
+        else:
+            sd = job["dns_sd_configs"][0]
+            out[job["job_name"]] = [f"{name}:{sd['port']}" for name in sd["names"]]
+    return out
 
 
 def _settings_from(env: dict[str, str]) -> Settings:
@@ -66,9 +83,7 @@ def test_every_freshrec_variable_is_a_real_setting_with_a_valid_value(compose: d
 
 def test_ports_agree_between_settings_services_and_prometheus(compose: dict) -> None:
     services = compose["services"]
-    prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
-    targets = {job["job_name"]: job["static_configs"][0]["targets"][0]
-               for job in prom["scrape_configs"]}
+    targets = {job: found[0] for job, found in _scrape_targets().items()}
 
     service = _settings_from(_env(compose, "service"))
     assert service.service_host == "0.0.0.0", "the service must listen beyond loopback"
@@ -215,3 +230,71 @@ def test_service_runs_the_measured_layout(compose: dict) -> None:
     # bench/serve.py: two workers, one thread per native pool in each
     assert int(env["WEB_CONCURRENCY"]) == 2
     assert _settings_from(env).cpu_threads // int(env["WEB_CONCURRENCY"]) == 1
+
+
+# --- the trainer as ranks (docker-compose.ranks.yml over docker-compose.yml) -----------------
+
+@pytest.fixture(scope="module")
+def ranked(compose: dict) -> dict:
+    """docker-compose.yml with docker-compose.ranks.yml merged over it, as compose merges:
+    mappings key by key, ``expose`` and ``volumes`` appended, anything else replaced."""
+    overlay = yaml.safe_load(_interpolate(RANKS.read_text()))
+    merged = copy.deepcopy(compose)
+    for name, svc in overlay["services"].items():
+        base = merged["services"].setdefault(name, {})
+        for key, value in svc.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            elif isinstance(value, list) and key in ("expose", "volumes") and key in base:
+                base[key] = base[key] + value
+            else:
+                base[key] = value
+    merged["volumes"] = {**merged["volumes"], **overlay.get("volumes", {})}
+    return merged
+
+
+def test_docker_compose_config_with_ranks_is_valid() -> None:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        pytest.skip("docker-compose not installed (CI: apt-get install docker-compose)")
+    result = subprocess.run([binary, "-f", str(COMPOSE), "-f", str(RANKS), "config", "-q"],
+                            cwd=ROOT, env={**os.environ, **DOT_ENV}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_ranks_form_one_world_that_meets_at_rank_0(ranked: dict,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """What trainer/ranks.py reads (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) names one
+    world: ranks 0..R-1, rank 0's service and an exposed port as the rendezvous, the same
+    settings on every rank, each rank its own checkpoint volume, scraped, with a partition."""
+    services = ranked["services"]
+    ranks = {name: _env(ranked, name) for name, svc in services.items()
+             if "RANK" in svc.get("environment", {})}
+    assert len(ranks) >= 2
+    assert sorted(int(env["RANK"]) for env in ranks.values()) == list(range(len(ranks)))
+    rank0 = next(name for name, env in ranks.items() if env["RANK"] == "0")
+    assert rank0 == "trainer"  # the service the stack's service and replay wait for
+    settings = {k: v for k, v in ranks[rank0].items() if k.startswith("FRESHREC_")}
+    targets = _scrape_targets()["freshrec-trainer"]
+    volumes = set()
+    for name, env in ranks.items():
+        assert int(env["WORLD_SIZE"]) == len(ranks), name
+        assert env["MASTER_ADDR"] == rank0, name
+        assert env["MASTER_PORT"] in [str(p) for p in services[rank0]["expose"]], name
+        assert {k: v for k, v in env.items() if k.startswith("FRESHREC_")} == settings, name
+        s = _settings_from(env)
+        for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.setenv(var, env[var])
+        assert ranks_from_env(s) == Ranks(int(env["RANK"]), len(ranks),
+                                          s.snapshot_buckets or DEFAULT_RANK_BUCKETS)
+        assert s.topic_partitions >= len(ranks), "a rank without a partition"
+        mounts = dict(v.rsplit(":", 1)[::-1] for v in services[name]["volumes"])
+        volume = mounts[str(s.trainer_checkpoint_dir)]
+        assert volume in ranked["volumes"], name
+        volumes.add(volume)
+        assert services[name]["command"] == ["trainer"], name
+        assert f"{name}:{s.trainer_metrics_port}" in targets, f"{name} is not scraped"
+        assert f":{s.trainer_metrics_port}/healthz" in " ".join(
+            services[name]["healthcheck"]["test"]), name
+    assert len(volumes) == len(ranks), "ranks share a checkpoint volume"

@@ -14,6 +14,8 @@ import pytest
 
 from freshrec.settings import Settings
 from tests.ops import DASHBOARDS, K8S_VERSION, ROOT, render_kustomization
+from trainer.ranks import ranks_from_env
+from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks
 
 K8S = ROOT / "k8s"
 SECRET = "freshrec-secrets"
@@ -262,3 +264,58 @@ def test_dashboards_configmap_is_the_repository_dashboards(docs: list[dict]) -> 
     cm = _get(docs, "ConfigMap", "freshrec-dashboards")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["data"] == {p.name: p.read_text() for p in DASHBOARDS}
+
+
+# --- the trainer as ranks (deploy/k8s-ranks over k8s/) ------------------------------------------
+
+@pytest.fixture(scope="module")
+def ranked() -> list[dict]:
+    return render_kustomization(ROOT / "deploy" / "k8s-ranks")
+
+
+def test_ranks_overlay_validates(ranked: list[dict]) -> None:
+    pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    _validate(ranked)
+
+
+def test_ranks_are_pods_of_one_world_that_meet_at_pod_0(ranked: list[dict],
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """What trainer/ranks.py reads names one world: WORLD_SIZE = replicas, RANK = the pod's
+    stable index (its own volume follows it), MASTER_ADDR = pod 0 through the headless
+    Service, which publishes it before it is ready (the ranks meet before either can be
+    ready), MASTER_PORT a port of the pod and the Service; every rank gets a partition."""
+    sts = _get(ranked, "StatefulSet", "freshrec-trainer")
+    env = _env(sts)
+    replicas = sts["spec"]["replicas"]
+    assert replicas >= 2
+    assert int(env["WORLD_SIZE"]["value"]) == replicas
+    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    service = _get(ranked, "Service", sts["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert env["MASTER_ADDR"]["value"] == \
+        f"{sts['metadata']['name']}-0.{sts['spec']['serviceName']}"
+    port = int(env["MASTER_PORT"]["value"])
+    container_ports = {p["name"]: p["containerPort"] for p in _container(sts)["ports"]}
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    named = next(name for name, p in container_ports.items() if p == port)
+    assert service_ports[named]["port"] == port and service_ports[named]["targetPort"] == named
+    # the metrics port the ServiceMonitor scrapes is unchanged
+    s = _settings(ranked)
+    assert container_ports["metrics"] == service_ports["metrics"]["port"] == \
+        s.trainer_metrics_port
+    assert s.topic_partitions >= replicas, "a rank without a partition"
+    claims = [c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]]
+    assert "checkpoints" in claims  # one volume per pod, so per rank
+    for rank in range(replicas):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", env["WORLD_SIZE"]["value"])
+        assert ranks_from_env(s) == Ranks(rank, replicas,
+                                          s.snapshot_buckets or DEFAULT_RANK_BUCKETS)
+    # everything else is the base: the other workloads are untouched
+    base = render_kustomization(K8S)
+    assert [d for d in ranked if d["kind"] not in ("StatefulSet", "Service")] == \
+        [d for d in base if d["kind"] not in ("StatefulSet", "Service")]
