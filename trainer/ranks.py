@@ -50,7 +50,9 @@ import torch
 import torch.distributed as dist
 from confluent_kafka import TopicPartition
 
+from featurestore.labeled_batch import LabeledBatch
 from featurestore.schema import ModelConfig, load_model_config
+from featurestore.wire_scan import warm_up as warm_up_scanner
 from freshrec.kafka import assign_from
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
@@ -210,12 +212,16 @@ class RankedTrainer(Trainer):
         messages = self._consumer.consume(num_messages=self.settings.trainer_batch_max_events,
                                           timeout=self.settings.trainer_batch_max_wait_ms / 1e3)
         wall = time.time()
-        parsed = self._parse_clean(messages, wall)
-        events = parsed if parsed is not None else self._parse_each(messages, wall)[0]
-        header = self._header(len(events), stop, time.monotonic())
+        # As one process reads a batch: the wire scanner, else the decoder, else one by one.
+        batch = self._scan_clean(messages, wall)
+        if batch is None:
+            parsed = self._parse_clean(messages, wall)
+            events = parsed if parsed is not None else self._parse_each(messages, wall)[0]
+            batch = LabeledBatch.of_events(events, self.learner.featurizer) if events else None
+        header = self._header(0 if batch is None else len(batch), stop, time.monotonic())
         self.learner.step_counts = header.examples
-        if events:
-            self.learn(events)
+        if batch is not None and len(batch):
+            self.learn(batch)
         else:
             self.empty_steps += 1
             self.learner.step_batch(self.learner.featurizer.featurize_events([]),
@@ -259,6 +265,7 @@ class RankedTrainer(Trainer):
         self.assign()
         self.ensure_checkpoint()
         self.learner.warm_up()
+        warm_up_scanner(self._wire_plan)
         try:
             while True:
                 header = self.step(stop.is_set())
