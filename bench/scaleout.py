@@ -156,7 +156,8 @@ def main() -> None:
     rate_2 = trained_2 / (max(r["last"] for r in ranks) - min(r["first"] for r in ranks))
     out = {
         "mode": "quick" if args.quick else "full",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "stream": f"synthetic (seed 3), {total} events, 2 partitions keyed by user",
         "ranks": WORLD,
         "events_per_s_1": round(rate_1),
