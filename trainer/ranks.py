@@ -214,7 +214,9 @@ class RankedTrainer(Trainer):
         wall = time.time()
         # As one process reads a batch: the wire scanner, else the decoder, else one by one.
         batch = self._scan_clean(messages, wall)
-        if batch is None:
+        if batch is not None:
+            self._advance_offsets(messages)
+        else:
             parsed = self._parse_clean(messages, wall)
             events = parsed if parsed is not None else self._parse_each(messages, wall)[0]
             batch = LabeledBatch.of_events(events, self.learner.featurizer) if events else None
