@@ -56,7 +56,7 @@ KILL_EVENTS = 15_000  # the kill -9 drill: three shares of 5,000
 
 def _timed_steps(trainer: Any, method: str, marks: dict[str, float]) -> None:
     """Wrap ``trainer.<method>`` to stamp the wall time of the first and last batch with
-    events (``learn`` is called with events only)."""
+    events (``_finish`` books every learned batch, pipelined or not)."""
     inner = getattr(trainer, method)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
@@ -76,7 +76,7 @@ def one_rank(settings: Settings, total: int, out: str) -> None:
     trainer = Trainer(settings, load_model_config(settings.model_config_path))
     tune_gc()
     marks: dict[str, float] = {}
-    _timed_steps(trainer, "learn", marks)
+    _timed_steps(trainer, "_finish", marks)
     trainer.run(max_events=total)
     Path(out, "one.json").write_bytes(orjson.dumps({"trained": trainer.trained, **marks}))
 
@@ -91,7 +91,7 @@ def rank_main(rank: int, settings: Settings, port: int, total: int, out: str) ->
     trainer = loopback_rank_trainer(settings, rank, WORLD, port)
     tune_gc()
     marks: dict[str, float] = {}
-    _timed_steps(trainer, "learn", marks)
+    _timed_steps(trainer, "_finish", marks)
     trainer.run(max_events=total)
     sent = trainer.learner.sent
     Path(out, f"rank-{rank}.json").write_bytes(orjson.dumps({
