@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from freshrec.settings import Settings
+from joiner.join import decode_labels
 from joiner.process import JoinerProcess
 
 
@@ -24,6 +25,7 @@ def proc(tmp_path: Path) -> Iterator[JoinerProcess]:
     p = offline_process(tmp_path / "ckpt")
     p.dead = []
     p._dead_letter = lambda raw, key, source, reason: p.dead.append(reason)
-    p._emit = lambda events: p.__dict__.setdefault("emitted_events", []).extend(events)
+    p._emit = lambda labels, label: p.__dict__.setdefault("emitted_events", []).extend(
+        decode_labels(labels))
     yield p
     p._consumer.close()

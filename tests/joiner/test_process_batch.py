@@ -63,6 +63,8 @@ def run(process: JoinerProcess, msgs: list[Message], batch: int) -> dict:
     process._produce = lambda topic, value, key, headers=None: produced.append(
         (topic, orjson.loads(value) if topic != process.settings.topic_dlq else value, key,
          headers))
+    process._produce_batch = lambda topic, labels: produced.extend(
+        (topic, orjson.loads(value), key, None) for key, value in labels)
     clock = [0.0]
     process._monotonic = lambda: clock[0]
     for i in range(0, len(msgs), batch):
@@ -76,6 +78,9 @@ def run(process: JoinerProcess, msgs: list[Message], batch: int) -> dict:
                 for m in process.metrics.registry.collect() for s in m.samples
                 if s.name.endswith("_total")}
     process._consumer.close()
+    # Per topic: labels go out per batch, dead letters at once, so only the order within a
+    # topic is the stream's.
+    produced.sort(key=lambda message: message[0])
     return {"produced": produced, "counters": counters, "offsets": dict(process.offsets)}
 
 
