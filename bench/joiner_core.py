@@ -9,8 +9,9 @@ Three timings, so object construction is not mistaken for join cost:
   * parse:  ``parse_impression``/``parse_click`` (msgspec) of the raw Kafka values only;
   * join:   the joiner fed already-parsed objects (``add_impression``/``join_click``/``advance``);
   * e2e:    parse + join from raw bytes, what the integrated consumer pays before producing;
-and separately ``to_json`` of the emitted examples (the producer side), plus the size and time
-of a ``state()`` snapshot at the end of the run (the checkpoint cost at that pending size).
+the labels come out as the bytes the process produces (``advance_labels``, ``join_click().labels``:
+encoding is part of the join), plus the size and time of a ``state()`` snapshot at the end of the
+run (the checkpoint cost at that pending size).
 
     .venv/bin/python bench/joiner_core.py --quick     # < 30 s
     .venv/bin/python bench/joiner_core.py             # 200k requests, ~3 min
@@ -33,7 +34,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from featurestore.events import AnyClick, AnyImpression, parse_click, parse_impression
-from joiner.join import Joiner
+from joiner.join import Joiner, Label
 
 ITEMS_PER_REQUEST = 10
 CLICK_RATE = 0.05
@@ -94,28 +95,25 @@ class Sink:
     """Stands in for the producer: counts what would be produced and keeps nothing else alive,
     so the benchmark's heap is the joiner's state (as in production), not a list of outputs."""
 
-    def __init__(self, imp_ts: dict[str, float], keep: int = 0) -> None:
+    def __init__(self, imp_ts: dict[str, float]) -> None:
         self.n = 0
         self.imp_ts = imp_ts
         self.pos_delays: list[float] = []
-        self.kept: list = []
-        self.keep = keep
         self.delays = np.empty(0)
 
-    def __call__(self, events: list) -> None:
-        self.n += len(events)
-        for e in events:
-            if e.label == 1:
-                self.pos_delays.append(e.ts - self.imp_ts[e.request_id])
-        if len(self.kept) < self.keep:
-            self.kept += events
+    def __call__(self, labels: list[Label], click: AnyClick | None = None,
+                 request_id: str | None = None) -> None:
+        """``labels`` from ``advance_labels``, or the positive(s) of ``click`` on ``request_id``."""
+        self.n += len(labels)
+        if click is not None and request_id is not None:
+            self.pos_delays += [click.ts - self.imp_ts[request_id]] * len(labels)
 
 
 def run_join(joiner: Joiner, parsed: list[tuple[str, AnyImpression | AnyClick]], sink: Sink,
              final: bool = True) -> None:
     """The consumer loop minus Kafka: what the integrated joiner does per message."""
     high = -np.inf
-    add_imp, join_click, advance = joiner.add_impression, joiner.join_click, joiner.advance
+    add_imp, join_click, advance = joiner.add_impression, joiner.join_click, joiner.advance_labels
     for n, (kind, m) in enumerate(parsed, 1):
         if m.ts > high:
             high = m.ts
@@ -123,8 +121,8 @@ def run_join(joiner: Joiner, parsed: list[tuple[str, AnyImpression | AnyClick]],
             add_imp(m)
         else:
             res = join_click(m)
-            if res.events:
-                sink(res.events)
+            if res.labels:
+                sink(res.labels, m, res.request_id)
         if n % ADVANCE_EVERY == 0:
             sink(advance(high - LATENESS_S))
     if final:
@@ -137,7 +135,7 @@ def run_e2e(joiner: Joiner, raw: list[tuple[str, bytes]], sink: Sink) -> None:
     """Parse each raw Kafka value, then join: the integrated consumer's cost per message."""
     high = -np.inf
     imp_json, click_json = parse_impression, parse_click
-    add_imp, join_click, advance = joiner.add_impression, joiner.join_click, joiner.advance
+    add_imp, join_click, advance = joiner.add_impression, joiner.join_click, joiner.advance_labels
     for n, (kind, v) in enumerate(raw, 1):
         if kind == "imp":
             m = imp_json(v)
@@ -145,8 +143,8 @@ def run_e2e(joiner: Joiner, raw: list[tuple[str, bytes]], sink: Sink) -> None:
         else:
             m = click_json(v)
             res = join_click(m)
-            if res.events:
-                sink(res.events)
+            if res.labels:
+                sink(res.labels, m, res.request_id)
         if m.ts > high:
             high = m.ts
         if n % ADVANCE_EVERY == 0:
@@ -208,16 +206,11 @@ def main() -> None:
     secs: dict[str, float] = {}
     for mode in ("default", "tuned", "off"):
         joiner = Joiner(window_s=WINDOW_S, max_pending=2_000_000)
-        sink = Sink(imp_ts, keep=50_000)
+        sink = Sink(imp_ts)
         secs[f"join_gc_{mode}"] = timed(lambda j=joiner, s=sink: run_join(j, parsed, s), mode)
     counts = joiner.counts()
     delays = sink.delays
     pos_delays = np.array(sink.pos_delays)
-
-    t0 = time.perf_counter()
-    for e in sink.kept:
-        e.to_json()
-    serialize_s = time.perf_counter() - t0
 
     for mode in ("default", "tuned"):
         sink_e2e = Sink(imp_ts)
@@ -267,7 +260,6 @@ def main() -> None:
                            "e2e_*: model_validate_json of raw Kafka values + join; parse: "
                            "model_validate_json only; gc_default = CPython (700, 10, 10), "
                            f"gc_tuned = {TUNED_GC}, gc_off = disabled",
-        "to_json_us_per_example": serialize_s / max(1, len(sink.kept)) * 1e6,
         "generate_s": gen_s,
         "join_delay_p50_s": float(np.percentile(delays, 50)),
         "join_delay_p99_s": float(np.percentile(delays, 99)),
@@ -297,7 +289,6 @@ def main() -> None:
         t = throughput[key]
         print(f"{name:<28}{t['shown_items_per_s']:>15,.0f}{t['requests_per_s']:>13,.0f}"
               f"{t['us_per_shown_item']:>10.2f}")
-    print(f"to_json per emitted example: {res['to_json_us_per_example']:.2f} us")
     print(f"join delay p50/p99: all {res['join_delay_p50_s']:.2f}/{res['join_delay_p99_s']:.2f} s,"
           f" positives {res['positive_join_delay_p50_s']:.2f}/"
           f"{res['positive_join_delay_p99_s']:.2f} s")
