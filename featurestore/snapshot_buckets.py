@@ -92,7 +92,7 @@ class BucketedStore:
     def __init__(self, client: redis.Redis, model_name: str, *, n_buckets: int,
                  owned: Iterable[int] | None = None, head: bool = True,
                  row_dtype: str = "float32", emb_shards: int = 1,
-                 bandit_shards: int = 1) -> None:
+                 bandit_shards: int = 1, writer: str = "") -> None:
         if n_buckets < 1:
             raise ValueError("n_buckets must be at least 1")
         self.r = client
@@ -103,11 +103,12 @@ class BucketedStore:
             raise ValueError(f"owned buckets must lie in [0, {n_buckets})")
         self.stores: dict[Chain, SnapshotStore] = {
             k: SnapshotStore(client, model_name, row_dtype=row_dtype, emb_shards=emb_shards,
-                             bandit_shards=bandit_shards, bucket=k) for k in owned}
+                             bandit_shards=bandit_shards, bucket=k, writer=writer)
+            for k in owned}
         self.head = head
         if head:
             self.stores[None] = SnapshotStore(client, model_name, row_dtype=row_dtype,
-                                              emb_shards=0, bandit_shards=0)
+                                              emb_shards=0, bandit_shards=0, writer=writer)
         self.row_dtype = row_dtype
         self._versions: dict[Chain, int] = {c: 0 for c in self.stores}  # confirmed per chain
         self._generations: dict[Chain, str] = {}

@@ -16,7 +16,9 @@ key                                          contents
                                              ``centroids_version``, ``schema_hash``,
                                              ``created``, ``updated``, ``generation``,
                                              ``row_dtype``, ``emb_shards``, ``bandit_shards``,
-                                             ``slots`` (JSON name -> dim), ``bandit`` (JSON)
+                                             ``slots`` (JSON name -> dim), ``bandit`` (JSON),
+                                             ``writer`` (who publishes the chain: ``rank-<r>``
+                                             of trainer ranks, empty for one process)
 ``fr:{m}:emb:{gen}:{slot}:{shard}``          hash: 8-byte LE int64 ID -> row bytes
 ``fr:{m}:bandit:{gen}:{shard}``              hash: 8-byte LE item ID -> float64 LE
                                              ``[t, d_0..d_C-1, b_0..b_C-1]``

@@ -52,13 +52,16 @@ class SnapshotStore(SnapshotReader):
 
     def __init__(self, client: redis.Redis, model_name: str, *, row_dtype: str = "float32",
                  emb_shards: int = 16, bandit_shards: int = 16,
-                 bucket: int | None = None) -> None:
+                 bucket: int | None = None, writer: str = "") -> None:
         if row_dtype not in ROW_DTYPES:
             raise ValueError(f"row_dtype must be one of {ROW_DTYPES}")
         super().__init__(client, model_name, bucket=bucket)
         self.row_dtype = row_dtype
         self.emb_shards = emb_shards
         self.bandit_shards = bandit_shards
+        # Who writes this chain (``rank-<r>`` for trainer ranks), stamped on its meta and on
+        # every stream entry: a chain must have one writer, and this shows which one it had.
+        self.writer = writer
         # (version, stream id, generation) of the last entry this writer added: what an image
         # written now is labelled with (a single writer per chain, so nothing came after it).
         self.last_entry: tuple[int, bytes, str] | None = None
@@ -152,11 +155,12 @@ class SnapshotStore(SnapshotReader):
             "emb_shards": self.emb_shards, "bandit_shards": self.bandit_shards,
             "slots": json.dumps(dict(slots)),
             "bandit": data.bandit_header.to_json() if data.bandit_header else "",
+            "writer": self.writer,
         }  # fmt: skip
         tx.delete(self.keys.meta)
         tx.hset(self.keys.meta, mapping=meta)
         entry = {"kind": "full", "v": version, "pv": prev_version, "g": generation, "ts": now,
-                 "dv": dense_version, "cv": meta["centroids_version"]}
+                 "dv": dense_version, "cv": meta["centroids_version"], "w": self.writer}
         if data.bandit_header:
             entry["bh"] = data.bandit_header.to_json()
         tx.xadd(self.keys.updates, entry, maxlen=STREAM_MAXLEN, approximate=True)
@@ -211,7 +215,7 @@ class SnapshotStore(SnapshotReader):
             lists[b"b"] = pack_ids(data.bandit.item_ids)
         entry: dict[Any, Any] = {"kind": "delta", "v": version, "pv": prev_version,
                                  "g": generation, "ts": now, "dv": dense_version,
-                                 "cv": centroids_version}
+                                 "cv": centroids_version, "w": self.writer}
         if data.bandit_header is not None:
             entry["bh"] = data.bandit_header.to_json()
         if sum(len(v) for v in lists.values()) > 8 * INLINE_ID_LIMIT:

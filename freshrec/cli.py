@@ -55,6 +55,8 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
     from freshrec.devstack import LocalStack
 
     settings = _settings()
+    if args.ranks < 1:
+        _fail(f"--ranks must be at least 1, not {args.ranks}")
     external_kafka = os.environ.get("FRESHREC_KAFKA_BOOTSTRAP")
     external_redis = os.environ.get("FRESHREC_REDIS_URL")
     cluster = _start_redis_cluster(args, external_redis)
@@ -80,27 +82,37 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
         print(f"redis  {redact_url(stack.redis_url)}" + (" (external)" if external_redis else ""))
         print(f"topics {', '.join(stack.topics)} ({stack.partitions} partitions)")
         env = stack.env() | {"FRESHREC_SERVICE_API_TOKEN": token}
-        if cluster is not None:
+        if cluster is not None or args.ranks > 1:
+            # Ranks publish per bucket, and a cluster spreads the buckets over its masters.
             buckets = settings.snapshot_buckets or CLUSTER_SNAPSHOT_BUCKETS
             env["FRESHREC_SNAPSHOT_BUCKETS"] = str(buckets)
-            print(f"redis  cluster of {len(cluster.ports)} masters ({', '.join(cluster.nodes)}), "
-                  f"snapshots in {buckets} buckets")
+            where = (f"cluster of {len(cluster.ports)} masters ({', '.join(cluster.nodes)})"
+                     if cluster is not None else "one server")
+            print(f"redis  {where}, snapshots in {buckets} buckets")
         for component in args.components:
+            if component == "trainer" and args.ranks > 1:
+                _spawn_trainer_ranks(stack, env, args.ranks, settings.trainer_metrics_port)
+                print(f"trainer {args.ranks} ranks started (logs: "
+                      f"{Path(args.log_dir) / 'trainer-rank-<r>.log'})")
+                continue
             stack.spawn_component(component, component, env=env)
             print(f"{component:<6} started (log: {Path(args.log_dir) / (component + '.log')})")
         if "service" in args.components:
             print(f"service http://{settings.service_host}:{settings.service_port}/docs")
             print(f"events  POST http://{settings.service_host}:{settings.service_port}/v1/events "
                   f"with Authorization: Bearer {token}")
+        metrics_ports = [settings.trainer_metrics_port + r for r in range(args.ranks)
+                         if settings.trainer_metrics_port]
         if "trainer" in args.components:
-            print(f"trainer metrics http://127.0.0.1:{settings.trainer_metrics_port}/metrics")
+            for port in metrics_ports:
+                print(f"trainer metrics http://127.0.0.1:{port}/metrics")
         if args.replay != "none":
             summary = _run_replay(args.replay, stack.kafka_bootstrap, settings, args)
             print(summary.line())
             if summary.failed:
                 return 1
-            if "trainer" in args.components:
-                _report_training(settings, summary.sent, stack)
+            if "trainer" in args.components and metrics_ports:
+                _report_training(metrics_ports, summary.sent, stack)
         if args.exit_after_replay:
             return 0
         print("stack is up; Ctrl-C to stop", flush=True)
@@ -123,6 +135,20 @@ def cmd_dev_up(args: argparse.Namespace) -> int:
 CLUSTER_SNAPSHOT_BUCKETS = 64
 
 
+def _spawn_trainer_ranks(stack: LocalStack, env: dict[str, str], ranks: int,
+                         metrics_port: int) -> None:
+    """``--ranks R``: R trainer processes with torchrun's variables (a loopback rendezvous),
+    each with its own metrics port (``trainer_metrics_port + rank``)."""
+    from freshrec.devstack import free_port
+
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                  "WORLD_SIZE": str(ranks)}
+    for r in range(ranks):
+        stack.spawn_component(f"trainer-rank-{r}", "trainer", env=env | rendezvous | {
+            "RANK": str(r), "LOCAL_RANK": str(r),
+            "FRESHREC_TRAINER_METRICS_PORT": str(metrics_port + r if metrics_port else 0)})
+
+
 def _start_redis_cluster(args: argparse.Namespace, external_redis: str | None
                          ) -> LocalRedisCluster | None:
     """``--redis-cluster N``: N cluster-enabled masters instead of one redis-server."""
@@ -139,8 +165,9 @@ def _start_redis_cluster(args: argparse.Namespace, external_redis: str | None
     return LocalRedisCluster(args.redis_cluster, data_dir=data_dir).start()
 
 
-def _report_training(settings: Settings, sent: int, stack: LocalStack) -> None:
-    """Wait until the trainer has consumed the replay, showing progress, then summarize."""
+def _report_training(ports: list[int], sent: int, stack: LocalStack) -> None:
+    """Wait until the trainer (every rank together) has consumed the replay, showing
+    progress, then summarize (the windowed scores are rank 0's)."""
     from tqdm import tqdm
 
     from freshrec.metrics import scrape
@@ -153,10 +180,14 @@ def _report_training(settings: Settings, sent: int, stack: LocalStack) -> None:
             problem = stack.check_children()
             if problem:
                 _fail(problem, code=1)
-            try:
-                metrics = scrape(f"http://127.0.0.1:{settings.trainer_metrics_port}/metrics")
-            except ValueError:  # a half-written exposition while the trainer starts
-                metrics = {}
+            per_rank = []
+            for port in ports:
+                try:
+                    per_rank.append(scrape(f"http://127.0.0.1:{port}/metrics"))
+                except ValueError:  # a half-written exposition while the trainer starts
+                    per_rank.append({})
+            metrics = per_rank[0] | {
+                k: sum(m.get(k, 0) for m in per_rank) for k in (trained_key, dead_key)}
             done = int(metrics.get(trained_key, 0) + metrics.get(dead_key, 0))
             bar.update(done - bar.n)
             if done >= sent:
@@ -272,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a local Redis Cluster of this many masters (>= 3) instead of one "
                          "redis-server; snapshots spread over FRESHREC_SNAPSHOT_BUCKETS buckets "
                          f"({CLUSTER_SNAPSHOT_BUCKETS} unless set)")
+    up.add_argument("--ranks", type=int, default=1, metavar="R",
+                    help="run the trainer as R ranks on torch.distributed (gloo), each "
+                         "publishing the snapshot buckets it owns (docs/scale.md)")
     up.add_argument("--exit-after-replay", action="store_true")
     _add_replay_args(up)
     up.set_defaults(func=cmd_dev_up)

@@ -110,6 +110,45 @@ class LocalRedisCluster:
             time.sleep(0.1)
         raise TimeoutError(f"Redis Cluster on {self.nodes} not ok within {timeout:.0f}s")
 
+    def master_of(self, slot: int) -> int:
+        """The port of the master serving ``slot`` now."""
+        for start, end, (_host, port, *_rest), *_replicas in redis.Redis(
+                port=self.ports[0]).execute_command("CLUSTER SLOTS"):
+            if start <= slot <= end:
+                return int(port)
+        raise LookupError(f"slot {slot} is not covered")
+
+    def migrate_slot(self, slot: int, to: int | None = None, pause_s: float = 0.0
+                     ) -> tuple[int, int]:
+        """Move ``slot`` to master ``to`` (another one when None) while clients keep using it:
+        ``CLUSTER SETSLOT IMPORTING/MIGRATING``, ``MIGRATE`` key by key (``pause_s`` between
+        keys, so writes land mid-move and see ASK/TRYAGAIN), then ``SETSLOT NODE`` everywhere
+        — what ``redis-cli --cluster reshard`` does. Returns (source port, destination port).
+        """
+        src = self.master_of(slot)
+        dst = to if to is not None else next(p for p in self.ports if p != src)
+        nodes = {p: redis.Redis(port=p) for p in self.ports}
+        ids = {p: n.execute_command("CLUSTER MYID").decode() for p, n in nodes.items()}
+        nodes[dst].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[src])
+        nodes[src].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[dst])
+        while keys := nodes[src].execute_command("CLUSTER GETKEYSINSLOT", slot, 1):
+            nodes[src].execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
+            time.sleep(pause_s)
+        for n in nodes.values():
+            n.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[dst])
+        for n in nodes.values():
+            n.close()
+        return src, dst
+
+    def masters_holding(self, pattern: str) -> int:
+        """How many masters hold at least one key matching ``pattern``."""
+        held = 0
+        for port in self.ports:
+            client = redis.Redis(port=port)
+            held += next(iter(client.scan_iter(match=pattern, count=1000)), None) is not None
+            client.close()
+        return held
+
     def stop(self) -> None:
         for proc in self.procs:
             stop_child(proc, grace=5.0)

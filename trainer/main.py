@@ -50,6 +50,12 @@ def _publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics):
 def run(settings: Settings, stop: threading.Event | None = None) -> int:
     """Size the thread pools, serve metrics and /healthz, then train until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ranks = ranks_from_env(settings)
+    if ranks is not None and not settings.snapshot_buckets:
+        # One snapshot chain cannot have R writers: each rank publishes its own buckets.
+        log.error("WORLD_SIZE=%d needs FRESHREC_SNAPSHOT_BUCKETS > 0 (each trainer rank "
+                  "publishes the buckets it owns; docs/scale.md)", ranks.world)
+        return 2
     apply_thread_budget(cpu_budget(settings.cpu_threads))
     create_topics(settings.kafka_bootstrap, [settings.topic_events, settings.topic_dlq],
                   settings.topic_partitions)
@@ -57,7 +63,6 @@ def run(settings: Settings, stop: threading.Event | None = None) -> int:
     if settings.trainer_metrics_port:
         serve_metrics_and_health(settings.trainer_metrics_port, metrics.registry,
                                  metrics.heartbeat, settings.trainer_liveness_timeout_s)
-    ranks = ranks_from_env(settings)
     if ranks is None:
         trainer = build_trainer(settings, metrics)
     else:

@@ -54,6 +54,7 @@ from trainer.model import CTRModel, model_arrays
 
 if TYPE_CHECKING:
     from trainer.loop import Trainer
+    from trainer.sharded import Ranks
 
 log = logging.getLogger("freshrec.publisher")
 
@@ -218,6 +219,12 @@ class Publisher:
         """
         try:
             self._last_cycle = -np.inf
+            # The last changes must not be skipped for a full queue (a slow Redis, a slot
+            # moving): wait for room, within the same bound.
+            deadline = time.monotonic() + timeout_s
+            while (self._queue is not None and self._queue.full()
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
             self.maybe_publish()
             if self._queue is not None and self._thread is not None:
                 try:
@@ -504,15 +511,29 @@ def _same_centroids(a: Centroids | None, b: Centroids | None) -> bool:
     return a[0].shape == b[0].shape and np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
-def make_publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics) -> Publisher:
-    """The publisher of a trainer process (what ``trainer.main`` wires into the loop)."""
+def make_publisher(settings: Settings, trainer: Trainer, metrics: TrainerMetrics,
+                   ranks: Ranks | None = None) -> Publisher:
+    """The publisher of a trainer process or rank (what ``trainer.main`` wires into the loop)."""
     client = redis_client(settings, socket_timeout=5.0, socket_connect_timeout=2.0)
-    return Publisher(snapshot_store(settings, client), _TrainerState(trainer), settings,
+    return Publisher(snapshot_store(settings, client, ranks), _TrainerState(trainer), settings,
                      metrics, background=True)
 
 
-def snapshot_store(settings: Settings, client: Any) -> SnapshotStore | BucketedStore:
-    """The store of the layout ``settings.snapshot_buckets`` asks for (docs/scale.md)."""
+def snapshot_store(settings: Settings, client: Any, ranks: Ranks | None = None
+                   ) -> SnapshotStore | BucketedStore:
+    """The store of the layout ``settings.snapshot_buckets`` asks for (docs/scale.md).
+
+    A trainer rank writes the chains of the buckets it owns, and rank 0 the head too: every
+    chain has exactly one writer, so each keeps its own version chain. Ranks need the
+    bucketed layout (one chain cannot have R writers) with the buckets their ownership uses.
+    """
+    if ranks is not None:
+        if settings.snapshot_buckets != ranks.n_buckets:
+            raise ValueError(f"trainer ranks publish per bucket: snapshot_buckets must be the "
+                             f"ranks' {ranks.n_buckets} buckets, not {settings.snapshot_buckets}")
+        return BucketedStore(client, settings.model_name, n_buckets=ranks.n_buckets,
+                             owned=ranks.owned_buckets(), head=ranks.rank == 0,
+                             writer=f"rank-{ranks.rank}")
     if settings.snapshot_buckets:
         return BucketedStore(client, settings.model_name, n_buckets=settings.snapshot_buckets)
     return SnapshotStore(client, settings.model_name)

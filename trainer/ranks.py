@@ -30,9 +30,12 @@ rank then exits, and the launcher (``torchrun --max-restarts``, the StatefulSet)
 them again from the last global checkpoint: events after it are learned again, once, and none
 before it is learned twice.
 
-Not in ranks yet: publishing (each rank's buckets to its own chains, rank 0 the head),
-exploration statistics, and the per-event isolation of a failing batch (a failure stops the
-rank, and so all of them).
+Publishing (when ``snapshot_buckets`` > 0, which ``freshrec trainer`` requires of ranks): each
+rank writes the snapshot chains of the buckets it owns, rank 0 the head chain (dense weights,
+meta) too, between steps like the single process (``trainer.publisher.snapshot_store``).
+
+Not in ranks yet: exploration statistics, and the per-event isolation of a failing batch (a
+failure stops the rank, and so all of them).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from freshrec.kafka import assign_from
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from trainer.loop import Trainer
+from trainer.publisher import make_publisher
 from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks, ShardedLearner
 
 log = logging.getLogger("freshrec.trainer")
@@ -237,6 +241,8 @@ class RankedTrainer(Trainer):
 
     def _housekeeping(self, header: StepHeader) -> None:
         now = time.monotonic()
+        if self.publisher is not None:
+            self.publisher.maybe_publish()
         if header.sweep:
             self.sweep(header.watermark)
             self._last_sweep = now
@@ -285,11 +291,14 @@ class RankedTrainer(Trainer):
 
 def build_ranked_trainer(settings: Settings, ranks: Ranks,
                          metrics: TrainerMetrics | None = None) -> RankedTrainer:
-    """Join the process group, then a rank restored from its own checkpoint."""
+    """Join the process group, then a rank restored from its own checkpoint, publishing its
+    buckets when the snapshot layout is bucketed."""
     join_process_group(ranks, settings.trainer_collective_timeout_s)
     trainer = RankedTrainer(settings, load_model_config(settings.model_config_path), ranks,
                             metrics)
     trainer.restore()
+    if settings.snapshot_buckets:
+        trainer.publisher = make_publisher(settings, trainer, trainer.metrics, ranks)
     return trainer
 
 

@@ -176,24 +176,6 @@ def test_a_single_redis_is_the_one_node_case(redis_client: redis.Redis) -> None:
     world.store.drop()
 
 
-def _migrate(cluster: LocalRedisCluster, slot: int, pause_s: float) -> tuple[int, int]:
-    """Move ``slot`` to another master key by key (CLUSTER SETSLOT + MIGRATE), slowly."""
-    nodes = {p: redis.Redis(port=p) for p in cluster.ports}
-    ids = {p: n.execute_command("CLUSTER MYID").decode() for p, n in nodes.items()}
-    src = next(p for p, n in nodes.items() if n.execute_command("CLUSTER COUNTKEYSINSLOT", slot)
-               or any(s[0] <= slot <= s[1] and s[2][1] == p
-                      for s in n.execute_command("CLUSTER SLOTS")))
-    dst = next(p for p in cluster.ports if p != src)
-    nodes[dst].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[src])
-    nodes[src].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[dst])
-    while keys := nodes[src].execute_command("CLUSTER GETKEYSINSLOT", slot, 1):
-        nodes[src].execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
-        time.sleep(pause_s)  # publishes land between the keys of the slot
-    for n in nodes.values():
-        n.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[dst])
-    return src, dst
-
-
 @pytest.mark.integration
 def test_a_live_slot_migration_loses_no_update(redis_cluster: LocalRedisCluster) -> None:
     model = "migrate"
@@ -209,7 +191,7 @@ def test_a_live_slot_migration_loses_no_update(redis_cluster: LocalRedisCluster)
 
     def migrate() -> None:
         for slot in slots:
-            moved.append((slot, *_migrate(redis_cluster, slot, pause_s=0.15)))
+            moved.append((slot, *redis_cluster.migrate_slot(slot, pause_s=0.15)))
 
     async def run() -> BucketedFollower:
         aclient = AsyncRedisCluster.from_url(f"redis://127.0.0.1:{redis_cluster.ports[0]}",
