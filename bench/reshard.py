@@ -60,10 +60,12 @@ def rank_main(rank: int, world: int, settings: Settings, port: int, total: int,
     trainer = loopback_rank_trainer(settings, rank, world, port)
     trainer.run(max_events=total)
     publisher: Any = trainer.publisher
-    Path(out, f"rank-{rank}.json").write_bytes(orjson.dumps({
+    summary = Path(out, f"rank-{rank}.json")
+    summary.with_suffix(".tmp").write_bytes(orjson.dumps({
         "trained": trainer.trained, "steps": trainer.steps,
         "confirmed_version": publisher.confirmed_version if publisher else 0,
         "publish_errors": publisher.errors if publisher else 0}))
+    summary.with_suffix(".tmp").replace(summary)  # whole, for the parent that waits on it
     dist.destroy_process_group()
 
 
@@ -182,6 +184,7 @@ class ReshardRun:
     reloads: int
     dense_equal: bool
     caught_up_s: float
+    phases_s: dict[str, float]  # ranks up and published, slots moved, ranks done
     rows_served: int
     masters_with_buckets: int
     audits: dict[Chain, ChainAudit] = field(repr=False, default_factory=dict)
@@ -214,6 +217,7 @@ def publish_while_resharding(settings: Settings, cluster: LocalRedisCluster,
     ctx = mp.spawn(rank_main, args=(world, settings, free_port(), len(events), str(out)),
                    nprocs=world, join=False)
     moved: list[tuple[int, int, int]] = []
+    phases, t0 = {}, time.monotonic()
     try:
         deadline = time.monotonic() + timeout_s
         while not client.exists(Keys(model).meta):  # the ranks are up and published in full
@@ -225,17 +229,25 @@ def publish_while_resharding(settings: Settings, cluster: LocalRedisCluster,
             for slot in _moving_slots(model, world, buckets):
                 moved.append((slot, *cluster.migrate_slot(slot, pause_s=pause_s)))
 
+        phases["ranks_published"] = time.monotonic() - t0
         mover = threading.Thread(target=move)
         mover.start()
         _produce_while(settings, events, chunk, mover)
         mover.join()
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
+        phases["slots_moved"] = time.monotonic() - t0
+        # Each rank writes its summary after its final checkpoint and publish; the processes
+        # may take seconds more to exit (gloo, torch), which the analysis does not wait for.
+        while not all((out / f"rank-{r}.json").exists() for r in range(world)):
+            if time.monotonic() > deadline or any(p.exitcode for p in ctx.processes):
                 raise RuntimeError(f"the ranks did not finish {len(events)} events")
-    finally:
+            time.sleep(0.1)
+        phases["ranks_done"] = time.monotonic() - t0
+    except BaseException:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
+        replica.stop()
+        raise
     summaries = [orjson.loads((out / f"rank-{r}.json").read_bytes()) for r in range(world)]
     owners = load_rank_states(settings.trainer_checkpoint_dir, world, config)
     started = time.monotonic()
@@ -257,9 +269,15 @@ def publish_while_resharding(settings: Settings, cluster: LocalRedisCluster,
         version_gaps=sum(a.gaps for a in audits.values()),
         foreign_writes=foreign_writes(audits, world, buckets),
         reloads=follower.full_loads - 1, dense_equal=dense_equal(follower, owners[0].dense),
-        caught_up_s=round(caught_up, 2), rows_served=sum(len(i) for i, _ in served.values()),
+        caught_up_s=round(caught_up, 2),
+        phases_s={k: round(v, 2) for k, v in phases.items()},
+        rows_served=sum(len(i) for i, _ in served.values()),
         masters_with_buckets=cluster.masters_holding(f"fr:{{{model}:b*"), audits=audits)
     client.close()
+    for p in ctx.processes:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
     return run
 
 
