@@ -90,10 +90,11 @@ def test_dev_up_uses_external_kafka_and_redis_when_configured(stack, tmp_path: P
     assert not (tmp_path / "logs" / "kafka.log").exists()  # no broker of its own was started
 
 
-def test_dev_up_on_a_local_redis_cluster_spreads_the_model_over_every_master(
+def test_dev_up_with_two_ranks_on_a_local_redis_cluster_spreads_the_model_over_every_master(
         tmp_path: Path) -> None:
-    """``dev up --redis-cluster 3``: three masters, the trainer publishes bucketed snapshots
-    over all of them, the service follows them, and SIGTERM stops every node."""
+    """``dev up --ranks 2 --redis-cluster 3``: three masters, two trainer ranks each publish
+    the bucket chains they own (rank 0 the head) over all of them, the service follows them,
+    and SIGTERM stops every node and rank."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHREC_")}
     service_port = free_port()
     env |= {"FRESHREC_SERVICE_PORT": str(service_port),
@@ -101,7 +102,7 @@ def test_dev_up_on_a_local_redis_cluster_spreads_the_model_over_every_master(
             "FRESHREC_JOINER_METRICS_PORT": str(free_port()),
             "FRESHREC_TRAINER_PUBLISH_INTERVAL_MS": "100"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "freshrec.cli", "dev", "up", "--redis-cluster", "3",
+        [sys.executable, "-m", "freshrec.cli", "dev", "up", "--ranks", "2", "--redis-cluster", "3",
          "--components", "trainer", "service", "--replay", "synthetic", "--events", "3000",
          "--quiet", "--kafka-port", str(free_port()), "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
@@ -115,6 +116,7 @@ def test_dev_up_on_a_local_redis_cluster_spreads_the_model_over_every_master(
         out = "".join(lines)
         assert "stack is up" in out, out
         assert "cluster of 3 masters" in out and "snapshots in 64 buckets" in out, out
+        assert "trainer 2 ranks started" in out, out
         nodes = out.split("cluster of 3 masters (", 1)[1].split(")", 1)[0].split(", ")
         ports = [int(n.rsplit(":", 1)[1]) for n in nodes]
         children = descendants(proc.pid)
@@ -126,10 +128,19 @@ def test_dev_up_on_a_local_redis_cluster_spreads_the_model_over_every_master(
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{service_port}/v1/model",
                                             timeout=2) as resp:
-                    version = int(orjson.loads(resp.read()).get("version", 0))
+                    version = int(orjson.loads(resp.read()).get("version") or 0)
             except OSError:
                 time.sleep(0.5)
         assert version > 0
+        writers = set()
+        for port in ports:  # every bucket chain names its writer: the rank that owns it
+            node = redis.Redis(port=port)
+            for key in node.scan_iter(match="fr:{*:b*}:meta"):
+                bucket = int(key.decode().split(":b", 1)[1].split("}", 1)[0])
+                writer = node.hget(key, "writer")
+                assert writer == f"rank-{bucket % 2}".encode(), (key, writer)
+                writers.add(writer)
+        assert writers == {b"rank-0", b"rank-1"}
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     finally:
