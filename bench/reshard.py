@@ -15,7 +15,8 @@ What counts as lost, once the ranks stopped and the replica caught up (or 30 s p
 - a version a chain skipped: an entry whose ``prev_version`` is not the version of the entry
   before it on that chain (``version_gaps``); a replica reloads on those rather than apply;
 - the replica's full reloads after its first load (``reloads``): each one means an update did
-  not chain onto what it held.
+  not chain onto what it held;
+- rank 0's final dense weights not served (``dense_equal`` false), counted as one.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class ReshardRun:
 
     @property
     def lost_updates(self) -> int:
-        return self.lost_rows + self.version_gaps + self.reloads
+        return self.lost_rows + self.version_gaps + self.reloads + (not self.dense_equal)
 
 
 def _moving_slots(model: str, world: int, n_buckets: int) -> list[int]:
@@ -281,6 +282,43 @@ def publish_while_resharding(settings: Settings, cluster: LocalRedisCluster,
     return run
 
 
+def scaleout_keys(stack: Any, total: int, work: Path, world: int = 2) -> dict[str, Any]:
+    """The Redis-side keys of ``bench/scaleout.py``: ``world`` ranks publishing ``total``
+    synthetic events as shipped (64 buckets, default publish intervals) to a local 3-master
+    cluster while three slots move."""
+    from freshrec.cli import CLUSTER_SNAPSHOT_BUCKETS
+    from freshrec.kafka import create_topics
+    from freshrec.synthetic import SyntheticConfig, SyntheticStream
+
+    topic = f"bench-reshard-{int(time.time())}"
+    create_topics(stack.kafka_bootstrap, [topic, topic + ".dlq"], world)
+    events = list(SyntheticStream(SyntheticConfig(seed=4)).events(total))
+    with LocalRedisCluster(3, data_dir=work / "redis-cluster") as cluster:
+        settings = Settings(
+            kafka_bootstrap=stack.kafka_bootstrap, redis_url=cluster.url, topic_events=topic,
+            topic_dlq=topic + ".dlq", topic_partitions=world, trainer_metrics_port=0,
+            trainer_group_id=topic, trainer_checkpoint_dir=work / "reshard",
+            model_name=topic, snapshot_buckets=CLUSTER_SNAPSHOT_BUCKETS)
+        out = work / "reshard-ranks"
+        out.mkdir()
+        run = publish_while_resharding(settings, cluster, events, out, world=world,
+                                       chunk=max(total // 40, 1))
+        masters = len(cluster.ports)
+    return {
+        "redis_masters": masters,
+        "served_buckets_on_masters": run.masters_with_buckets,
+        "lost_updates_during_reshard": run.lost_updates,
+        "reshard": {
+            "events": run.trained, "buckets": CLUSTER_SNAPSHOT_BUCKETS,
+            "moved_slots": [f"{slot}: {src} -> {dst}" for slot, src, dst in run.moved],
+            "publishes_per_rank": run.publishes_per_rank, "lost_rows": run.lost_rows,
+            "version_gaps": run.version_gaps, "replica_reloads": run.reloads,
+            "foreign_writes": run.foreign_writes, "dense_equal": run.dense_equal,
+            "rows_served": run.rows_served, "replica_caught_up_s": run.caught_up_s,
+            "phases_s": run.phases_s},
+    }
+
+
 def _produce_while(settings: Settings, events: list[dict], chunk: int,
                    mover: threading.Thread) -> None:
     """Produce ``events`` keyed by user, ``chunk`` every 0.1 s, holding the last chunk until
@@ -302,5 +340,5 @@ def _produce_while(settings: Settings, events: list[dict], chunk: int,
 
 __all__ = [
     "ChainAudit", "FollowerThread", "ReshardRun", "audit_chains", "foreign_writes", "lost_rows",
-    "publish_while_resharding", "rank_main", "served_rows",
+    "publish_while_resharding", "rank_main", "scaleout_keys", "served_rows",
 ]  # fmt: skip

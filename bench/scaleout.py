@@ -11,6 +11,11 @@ events, in this order:
 * 2 ranks: :class:`trainer.ranks.RankedTrainer` in two child processes on gloo, as torchrun
   would start them.
 
+Then the Redis side (:mod:`bench.reshard`): on a third of the events (another topic), the 2
+ranks publish as shipped (64 buckets) to a local 3-master Redis Cluster while three slots move,
+and a replica follows: ``redis_masters``, ``served_buckets_on_masters`` and
+``lost_updates_during_reshard`` (rows served wrong or missing, version gaps, replica reloads).
+
 Throughput is events / (last step with events - first step with events), from the ranks'
 wall clocks (the group join and start-up are excluded alike). The 2-rank state is compared to
 the 1-rank state with :mod:`trainer.rank_check` (``equal_to_one_rank``), and every rank counts
@@ -39,6 +44,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rank_kill import kill_one_rank
+from bench.reshard import scaleout_keys
 from bench.results_file import RESULTS
 from featurestore.schema import load_model_config
 from featurestore.table import TableSet
@@ -143,6 +149,7 @@ def main() -> None:
             "topic_events": drill_topic, "topic_dlq": drill_topic + ".dlq",
             "trainer_group_id": drill_topic}),
             list(SyntheticStream(SyntheticConfig(seed=4)).events(KILL_EVENTS)), work / "kill")
+        redis_side = scaleout_keys(stack, total // 3, work, WORLD)
     one = orjson.loads((work / "one.json").read_bytes())
     ranks = [orjson.loads((work / f"rank-{r}.json").read_bytes()) for r in range(WORLD)]
     config = load_model_config(base.model_config_path)
@@ -182,8 +189,7 @@ def main() -> None:
                       "learned_twice": kill.learned_twice,
                       "restored_round": kill.rounds_before_kill,
                       "relearned_after_restart": kill.relearned},
-        "not_measured": ["redis_masters", "served_buckets_on_masters",
-                         "lost_updates_during_reshard"],
+        **redis_side,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scaleout.json").write_text(json.dumps(out, indent=1) + "\n")

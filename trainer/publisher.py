@@ -219,6 +219,7 @@ class Publisher:
         """
         try:
             self._last_cycle = -np.inf
+            self._last_dense = -np.inf  # the final dense weights too, not only the rows
             # The last changes must not be skipped for a full queue (a slow Redis, a slot
             # moving): wait for room, within the same bound.
             deadline = time.monotonic() + timeout_s

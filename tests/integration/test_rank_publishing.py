@@ -44,9 +44,8 @@ def published(stack: LocalStack, redis_cluster: LocalRedisCluster,
                                                                             list[dict]]]:
     tmp = tmp_path_factory.mktemp("rank-publishing")
     settings = make_settings(stack, Names(f"t-rankpub-{uuid.uuid4().hex[:6]}"), tmp)
-    settings = settings.model_copy(update={
-        "redis_url": redis_cluster.url, "snapshot_buckets": BUCKETS,
-        "trainer_publish_interval_ms": 50, "trainer_dense_publish_interval_s": 0.2})
+    settings = settings.model_copy(update={"redis_url": redis_cluster.url,
+                                           "snapshot_buckets": BUCKETS})
     events = list(SyntheticStream(SyntheticConfig(seed=23, n_users=500, n_items=300))
                   .events(EVENTS))
     run = publish_while_resharding(settings, redis_cluster, events, tmp, world=WORLD)
