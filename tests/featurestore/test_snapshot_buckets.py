@@ -31,7 +31,8 @@ from featurestore.snapshot_keys import Keys, bucket_of
 from featurestore.snapshot_types import SnapshotData
 from featurestore.table import TableSet
 from freshrec.metrics import ServiceMetrics
-from freshrec.redis_client import is_cluster
+from freshrec.redis_client import RedisModeError, is_cluster
+from freshrec.redis_client import redis_client as redis_client_for
 from freshrec.redis_cluster import LocalRedisCluster
 from freshrec.settings import Settings
 from service.bucketed import BucketedFollower
@@ -238,3 +239,20 @@ def test_a_live_slot_migration_loses_no_update(redis_cluster: LocalRedisCluster)
     assert full is not None and matches_tables(full.merged().emb, world)
     assert matches_tables(served_rows(follower), world)
     assert dense_equal(follower, world)
+
+
+@pytest.mark.integration
+def test_the_redis_cluster_setting_is_checked_against_the_server(
+        redis_cluster: LocalRedisCluster, redis_client: redis.Redis) -> None:
+    """Forced either way, the setting must match what the server says it is; unset, the
+    server decides."""
+    single_url = redis_client.connection_pool.connection_kwargs
+    single = f"redis://127.0.0.1:{single_url['port']}/0"
+    for url, wrong, right, kind in ((redis_cluster.url, False, True, RedisCluster),
+                                    (single, True, False, redis.Redis)):
+        with pytest.raises(RedisModeError, match="FRESHREC_REDIS_CLUSTER"):
+            redis_client_for(Settings(redis_url=url, redis_cluster=wrong))
+        for setting in (right, None):
+            client = redis_client_for(Settings(redis_url=url, redis_cluster=setting))
+            assert type(client) is kind and client.ping()
+            client.close()
