@@ -60,7 +60,6 @@ from freshrec.kafka import assign_from
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
 from trainer.loop import Trainer
-from trainer.publisher import make_publisher
 from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks, ShardedLearner
 
 log = logging.getLogger("freshrec.trainer")
@@ -298,6 +297,8 @@ def build_ranked_trainer(settings: Settings, ranks: Ranks,
                             metrics)
     trainer.restore()
     if settings.snapshot_buckets:
+        from trainer.publisher import make_publisher
+
         trainer.publisher = make_publisher(settings, trainer, trainer.metrics, ranks)
     return trainer
 
