@@ -82,6 +82,9 @@ def one_rank(settings: Settings, total: int, out: str) -> None:
     trainer = Trainer(settings, load_model_config(settings.model_config_path))
     tune_gc()
     marks: dict[str, float] = {}
+    # The pipelined loop calls the halves of ``learn``: a batch begins on the training
+    # thread, learns on the stepper thread, and finishes back on the training thread.
+    _timed_steps(trainer, "_begin", marks)
     _timed_steps(trainer, "_finish", marks)
     trainer.run(max_events=total)
     Path(out, "one.json").write_bytes(orjson.dumps({"trained": trainer.trained, **marks}))
