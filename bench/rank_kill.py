@@ -39,6 +39,7 @@ from freshrec.replay import replay
 from freshrec.settings import Settings, to_environ
 from trainer.checkpoint import Checkpoint, Checkpointer
 from trainer.rank_check import load_rank_states
+from trainer.sharded import DEFAULT_RANK_BUCKETS
 
 WORLD = 2
 ITEM_SLOT = "item"
@@ -115,7 +116,9 @@ def kill_one_rank(settings: Settings, events: list[dict], work: Path,
     audit = work / "audit" / "events"
     settings = settings.model_copy(update={
         "trainer_checkpoint_dir": work / "checkpoints", "trainer_audit_log": audit,
-        "trainer_checkpoint_interval_s": 2.0, "trainer_metrics_port": 0})
+        "trainer_checkpoint_interval_s": 2.0, "trainer_metrics_port": 0,
+        # ranks publish their own buckets, which `freshrec trainer` requires of them
+        "snapshot_buckets": settings.snapshot_buckets or DEFAULT_RANK_BUCKETS})
     checkpoints = settings.trainer_checkpoint_dir
     shares = [events[i * len(events) // 3:(i + 1) * len(events) // 3] for i in range(3)]
 
