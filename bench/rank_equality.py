@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import zlib
@@ -35,6 +34,7 @@ from bench.results_file import RESULTS
 from featurestore.events import AnyLabeledEvent, parse_labeled_event
 from featurestore.schema import load_model_config
 from featurestore.table import TableSet
+from freshrec.devstack import free_port
 from freshrec.settings import default_model_config_path
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
 from trainer.checkpoint import load_arrays, save_arrays
@@ -95,25 +95,11 @@ def _average_push(learner: Any) -> None:
 
     def push(req: _Request, fetched: dict[str, _FetchedRows]) -> None:
         d = learner.dim_max
-        deltas = np.zeros((sum(req.send), 3 * d), dtype=np.float32)
-        at = 0
-        for s, name in enumerate(learner.slot_names):
-            u, dim = len(req.uniq[s]), int(learner.dims[s])
-            change = fetched[name].deltas()
-            for j in range(3):
-                deltas[at:at + u, j * d:j * d + dim] = change[:, j * dim:(j + 1) * dim]
-            at += u
-        got = learner._all_to_all(deltas[req.order], req.send, req.recv, 3 * d)
-        for name, sel, rows in learner._served:
-            table = learner.tables[name]
+        for table, uniq, summed, users in learner._owned_changes(req, fetched):
             dim = table.config.dim
-            uniq, inverse = np.unique(rows, return_inverse=True)
-            summed = np.zeros((len(uniq), 3 * d), dtype=np.float32)
-            np.add.at(summed, inverse.reshape(-1), got[sel])
-            users = np.bincount(inverse.reshape(-1), minlength=len(uniq))[:, None]
             e, s1, s2 = table.read_rows(uniq)
-            table.write_rows(uniq, e + summed[:, :dim] / users, s1 + summed[:, d:d + dim],
-                             s2 + summed[:, 2 * d:2 * d + dim])
+            table.write_rows(uniq, e + summed[:, :dim] / users[:, None],
+                             s1 + summed[:, d:d + dim], s2 + summed[:, 2 * d:2 * d + dim])
 
     learner._push = push
 
@@ -135,11 +121,6 @@ def rank_main(rank: int, port: int, n: int, size: int, push: str, out: str) -> N
     _save(learner, Path(out) / f"rank-{rank}")
     dist.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
@@ -163,7 +144,7 @@ def main() -> None:
                 work / f"one-{order}-{size}")]))
         for push in ("add", "average"):
             target = work / f"ranks-{push}-{size}"
-            mp.spawn(rank_main, args=(_free_port(), args.events, size, push, str(target)),
+            mp.spawn(rank_main, args=(free_port(), args.events, size, push, str(target)),
                      nprocs=WORLD)
             d = distance(one, [_load(target / f"rank-{r}") for r in range(WORLD)])
             row[f"ranks_{push}"] = {**asdict(d), "equal": d.equal}

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ from bench.reshard import scaleout_keys
 from bench.results_file import RESULTS
 from featurestore.schema import load_model_config
 from featurestore.table import TableSet
-from freshrec.devstack import LocalStack
+from freshrec.devstack import LocalStack, free_port
 from freshrec.kafka import create_topics
 from freshrec.replay import replay
 from freshrec.settings import Settings
@@ -109,11 +108,6 @@ def rank_main(rank: int, settings: Settings, port: int, total: int, out: str) ->
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,7 +138,7 @@ def main() -> None:
             raise RuntimeError(f"the 1-rank trainer failed ({child.exitcode})")
         rank_settings = base.model_copy(update={
             "trainer_group_id": f"{topic}-ranks", "trainer_checkpoint_dir": work / "ranks"})
-        mp.spawn(rank_main, args=(rank_settings, _free_port(), total, str(work)),
+        mp.spawn(rank_main, args=(rank_settings, free_port(), total, str(work)),
                  nprocs=WORLD)
         drill_topic = topic + "-kill"
         create_topics(stack.kafka_bootstrap, [drill_topic, drill_topic + ".dlq"], WORLD)

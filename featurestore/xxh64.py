@@ -25,17 +25,10 @@ def _rotl(x: np.uint64, r: int) -> np.uint64:
 
 
 @njit(cache=True, inline="always")
-def _read64(buf: np.ndarray, i: int) -> np.uint64:
+def _read(buf: np.ndarray, i: int, width: int) -> np.uint64:
+    """The little-endian unsigned integer in ``buf[i:i + width]``."""
     v = np.uint64(0)
-    for k in range(8):
-        v |= np.uint64(buf[i + k]) << np.uint64(8 * k)
-    return v
-
-
-@njit(cache=True, inline="always")
-def _read32(buf: np.ndarray, i: int) -> np.uint64:
-    v = np.uint64(0)
-    for k in range(4):
+    for k in range(width):
         v |= np.uint64(buf[i + k]) << np.uint64(8 * k)
     return v
 
@@ -65,10 +58,10 @@ def xxh64(buf: np.ndarray, start: int, stop: int) -> np.uint64:
         v4 = np.uint64(0) - _P1
         limit = stop - 32
         while i <= limit:
-            v1 = _round(v1, _read64(buf, i))
-            v2 = _round(v2, _read64(buf, i + 8))
-            v3 = _round(v3, _read64(buf, i + 16))
-            v4 = _round(v4, _read64(buf, i + 24))
+            v1 = _round(v1, _read(buf, i, 8))
+            v2 = _round(v2, _read(buf, i + 8, 8))
+            v3 = _round(v3, _read(buf, i + 16, 8))
+            v4 = _round(v4, _read(buf, i + 24, 8))
             i += 32
         h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
         h = _merge(h, v1)
@@ -79,11 +72,11 @@ def xxh64(buf: np.ndarray, start: int, stop: int) -> np.uint64:
         h = _P5
     h = h + np.uint64(n)
     while i + 8 <= stop:
-        h = h ^ _round(np.uint64(0), _read64(buf, i))
+        h = h ^ _round(np.uint64(0), _read(buf, i, 8))
         h = _rotl(h, 27) * _P1 + _P4
         i += 8
     if i + 4 <= stop:
-        h = h ^ (_read32(buf, i) * _P1)
+        h = h ^ (_read(buf, i, 4) * _P1)
         h = _rotl(h, 23) * _P2 + _P3
         i += 4
     while i < stop:

@@ -23,7 +23,7 @@ chain them), and a dense slice holds the step's ``micro_batch`` examples of ever
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +33,7 @@ import torch.distributed as dist
 from featurestore.featurize import SparseBatch
 from featurestore.schema import ModelConfig
 from featurestore.snapshot_keys import bucket_of
+from featurestore.table import EmbeddingTable
 from freshrec.settings import DEFAULT_MICRO_BATCH
 from trainer.learner import OnlineLearner, StepResult, _WorkingSet
 from trainer.model import dense_step
@@ -259,6 +260,18 @@ class ShardedLearner(OnlineLearner):
     def _push(self, req: _Request, fetched: Mapping[str, _FetchedRows]) -> None:
         """Send every fetched row's change to its owner; add the changes of all ranks."""
         d = self.dim_max
+        for table, uniq, summed, _users in self._owned_changes(req, fetched):
+            dim = table.config.dim
+            e, s1, s2 = table.read_rows(uniq)
+            table.write_rows(uniq, e + summed[:, :dim], s1 + summed[:, d:d + dim],
+                             s2 + summed[:, 2 * d:2 * d + dim])
+
+    def _owned_changes(self, req: _Request, fetched: Mapping[str, _FetchedRows]
+                       ) -> Iterator[tuple[EmbeddingTable, np.ndarray, np.ndarray, np.ndarray]]:
+        """Exchange the fetched rows' changes; per owned table, ``(table, rows, summed,
+        users)``: its distinct rows, the sum of every rank's change to each (``(emb, s1, s2)``
+        side by side, ``dim_max`` apart) and how many ranks' examples used it."""
+        d = self.dim_max
         deltas = np.zeros((sum(req.send), 3 * d), dtype=np.float32)
         at = 0
         for s, name in enumerate(self.slot_names):
@@ -269,14 +282,11 @@ class ShardedLearner(OnlineLearner):
             at += u
         got = self._all_to_all(deltas[req.order], req.send, req.recv, 3 * d)
         for name, sel, rows in self._served:
-            table = self.tables[name]
-            dim = table.config.dim
             uniq, inverse = np.unique(rows, return_inverse=True)
             summed = np.zeros((len(uniq), 3 * d), dtype=np.float32)
             np.add.at(summed, inverse.reshape(-1), got[sel])
-            e, s1, s2 = table.read_rows(uniq)
-            table.write_rows(uniq, e + summed[:, :dim], s1 + summed[:, d:d + dim],
-                             s2 + summed[:, 2 * d:2 * d + dim])
+            users = np.bincount(inverse.reshape(-1), minlength=len(uniq))
+            yield self.tables[name], uniq, summed, users
 
 
 def _admitted_positions(inverse: np.ndarray, counts: np.ndarray, skipped: np.ndarray

@@ -6,7 +6,6 @@ Each rank is a real process (``torch.multiprocessing.spawn``, gloo over loopback
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from confluent_kafka import Producer
 
 from featurestore.schema import load_model_config
 from featurestore.table import TableSet
+from freshrec.devstack import free_port
 from freshrec.kafka import DeliveryTracker, producer_config
 from freshrec.settings import Settings
 from freshrec.synthetic import SyntheticConfig, SyntheticStream
@@ -51,16 +51,11 @@ def _rank_main(rank: int, settings: Settings, port: int, max_events: int, out: s
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def run_ranks(settings: Settings, max_events: int, out: Path, timeout: float = 180.0) -> list:
     """Spawn the ranks and wait; each rank's summary. The timeout only catches a hang: two
     spawned ranks (torch import, gloo, a consumer group) take 20-60 s on busy cores."""
-    ctx = mp.spawn(_rank_main, args=(settings, _free_port(), max_events, str(out)),
+    ctx = mp.spawn(_rank_main, args=(settings, free_port(), max_events, str(out)),
                    nprocs=WORLD, join=False)
     done = threading.Event()
 
