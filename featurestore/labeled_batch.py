@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from featurestore.events import decode_labeled_events
 from featurestore.featurize import Featurizer, SparseBatch
 
 _LABEL, _TS, _SAMPLE_RATE, _EVENT_ID = map(attrgetter,
@@ -83,8 +84,6 @@ class LabeledBatch:
     def events(self) -> list[Any]:
         """The parsed events (decoded from the message values on first use)."""
         if self._events is None:
-            from featurestore.events import decode_labeled_events
-
             self._events = decode_labeled_events(self._values or [])
         return self._events
 

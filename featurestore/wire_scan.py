@@ -274,8 +274,8 @@ def _literal(buf: np.ndarray, i: int, stop: int, word: bytes) -> int:
 def _context(buf: np.ndarray, i: int, stop: int, m: int, ctx: np.ndarray,
              num: np.ndarray) -> int:
     """A bandit context object at ``buf[i]``: ``{"clusters": [int], "weights": [number]}``,
-    each key once, both present. ``ctx[m, 0]`` gets the number of clusters (-1 while the two
-    lengths differ), ``ctx[m, 1 + 3k]`` cluster k, ``ctx[m, 2 + 3k : 4 + 3k]`` the span of
+    each key once, both present. ``ctx[0, m]`` gets the number of clusters (-1 while the two
+    lengths differ), ``ctx[1 + 3k, m]`` cluster k, ``ctx[2 + 3k : 4 + 3k, m]`` the span of
     weight k; the weights' range and sum are checked by the caller. Returns the index after
     the object, or -1."""
     if buf[i] != 123:
@@ -321,9 +321,9 @@ def _context(buf: np.ndarray, i: int, stop: int, m: int, ctx: np.ndarray,
                     value = _int_value(buf, i, e)
                     if value < 0 or value > MAX_CLUSTER:
                         return -1
-                    ctx[m, 1 + 3 * count] = value
+                    ctx[1 + 3 * count, m] = value
                 else:
-                    ctx[m, 2 + 3 * count], ctx[m, 3 + 3 * count] = i, e
+                    ctx[2 + 3 * count, m], ctx[3 + 3 * count, m] = i, e
                 count += 1
                 i, done = _separator(buf, e, stop, 93)
                 if i < 0:
@@ -338,7 +338,7 @@ def _context(buf: np.ndarray, i: int, stop: int, m: int, ctx: np.ndarray,
             break
     if seen != 3 or lengths[0] != lengths[1]:
         return -1  # the struct's own rule: the pydantic path words the reason
-    ctx[m, 0] = lengths[0]
+    ctx[0, m] = lengths[0]
     return i
 
 
@@ -349,9 +349,9 @@ def _context_weights(buf: np.ndarray, ctx: np.ndarray, weights: np.ndarray,
     Python's ``float``), summed left to right as ``sum()`` does: the number of NaNs, or -1 if
     a weight is out of [0, 1] or a sum exceeds 1 + 1e-6 (the struct's rules)."""
     inexact = 0
-    for m in range(ctx.shape[0]):
-        for k in range(ctx[m, 0]):
-            if _number(buf, ctx[m, 2 + 3 * k], ctx[m, 3 + 3 * k], num) < 0 or num[3] == 0.0:
+    for m in range(ctx.shape[1]):
+        for k in range(ctx[0, m]):
+            if _number(buf, ctx[2 + 3 * k, m], ctx[3 + 3 * k, m], num) < 0 or num[3] == 0.0:
                 weights[m, k] = math.nan
                 inexact += 1
             else:
@@ -363,9 +363,9 @@ def _context_weights(buf: np.ndarray, ctx: np.ndarray, weights: np.ndarray,
 
 @njit(cache=True, nogil=True)
 def _bad_weights(ctx: np.ndarray, weights: np.ndarray) -> bool:
-    for m in range(ctx.shape[0]):
+    for m in range(ctx.shape[1]):
         total = 0.0
-        for k in range(ctx[m, 0]):
+        for k in range(ctx[0, m]):
             w = weights[m, k]
             if not (0.0 <= w <= 1.0):
                 return True
@@ -693,8 +693,10 @@ def scan_labeled_events(values: list[bytes], plan: WirePlan) -> LabeledBatch | N
     nums = np.full((n, 3), math.nan)
     spans = np.zeros((n, 8), dtype=np.int64)
     labels = np.empty(n)
-    ctx = np.empty((n, 1 + 3 * MAX_CONTEXT_CLUSTERS), dtype=np.int64)
-    ctx[:, 0] = -1  # no context
+    # One column per event: the counts row is all a batch without contexts touches (the rest
+    # of the 3 MB stays unwritten, so unmapped).
+    ctx = np.empty((1 + 3 * MAX_CONTEXT_CLUSTERS, n), dtype=np.int64)
+    ctx[0] = -1  # no context
     if _scan(data, bounds, *plan.top, *plan.features, toks, fvals, nums, spans, labels,
              ctx) >= 0:
         return None
@@ -726,7 +728,7 @@ def scan_labeled_events(values: list[bytes], plan: WirePlan) -> LabeledBatch | N
 def _contexts(buf: bytes, data: np.ndarray, ctx: np.ndarray) -> BatchContexts | bool | None:
     """The scanned bandit contexts (``None`` if no event has one), or False when a weight or
     a sum breaks the struct's rules."""
-    counts = ctx[:, 0]
+    counts = ctx[0]
     if not (counts >= 0).any():
         return None
     width = max(int(counts.max()), 1)
@@ -736,10 +738,10 @@ def _contexts(buf: bytes, data: np.ndarray, ctx: np.ndarray) -> BatchContexts | 
         return False
     if status > 0:  # weights off Clinger's path: Python's float, as the decoder rounds
         for m, k in np.argwhere(np.isnan(weights)).tolist():
-            weights[m, k] = float(buf[ctx[m, 2 + 3 * k]:ctx[m, 3 + 3 * k]])
+            weights[m, k] = float(buf[ctx[2 + 3 * k, m]:ctx[3 + 3 * k, m]])
         if _bad_weights(ctx, weights):
             return False
-    clusters = np.ascontiguousarray(ctx[:, 1:1 + 3 * width:3])
+    clusters = np.ascontiguousarray(ctx[1:1 + 3 * width:3].T)
     clusters[np.arange(width)[None, :] >= counts[:, None]] = 0  # past each context: unset
     return BatchContexts(counts.copy(), clusters, weights)
 
