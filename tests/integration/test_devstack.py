@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -53,20 +54,28 @@ def test_dev_up_serves_and_sigterm_leaves_no_orphans(tmp_path: Path) -> None:
          "--kafka-port", str(kafka_port), "--redis-port", str(redis_port),
          "--log-dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         wait_for_broker(f"127.0.0.1:{kafka_port}", timeout=60)
         wait_for_redis(f"redis://127.0.0.1:{redis_port}/0", timeout=60)
-        deadline = time.monotonic() + 30
+        # Up means started: the stack prints its addresses once every part is ready (topics
+        # created too), which can come after the broker and Redis first answer.
+        deadline = time.monotonic() + 60
         children: set[int] = set()
-        while time.monotonic() < deadline and len(children) < 2:
+        while time.monotonic() < deadline and not (
+                len(children) >= 2 and any(line.startswith("kafka  ") for line in lines)):
             children = descendants(proc.pid)
             time.sleep(0.1)
         assert len(children) >= 2  # broker and redis
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = "".join(lines)
     assert proc.returncode == 0, out
     assert "kafka  127.0.0.1:" in out and "stack stopped" in out
     time.sleep(0.2)
