@@ -114,8 +114,10 @@ class JoinerProcess:
         self._early: list[tuple[float, int, bytes, bytes | None, str, int, int,
                                 AnyClick | None]] = []
         self._early_seq = 0
-        # Monotonic time, injectable: idleness is measured in it.
+        # Monotonic time, injectable: idleness is measured in it. Wall time, injectable: the
+        # future-skew check (and its dead-letter reason) compares event times with it.
         self._monotonic = time.monotonic
+        self._wall = time.time
         self._last_input = self._monotonic()
         self._idle_advance = 0.0
         self._assigned = False
@@ -160,7 +162,7 @@ class JoinerProcess:
                                      max_pending=s.joiner_max_pending)
         self.offsets = {(t, p): o for t, parts in ckpt.offsets.items() for p, o in parts.items()}
         clocks = ckpt.manifest.get("clocks", {})
-        upper = time.time() + s.event_max_future_skew_s
+        upper = self._wall() + s.event_max_future_skew_s
         self._imp_clock = _clock_from(clocks.get("impressions"), upper)
         self._click_clock = _clock_from(clocks.get("clicks"), upper)
         early = orjson.loads((ckpt.path / "joiner" / "early_clicks.json").read_bytes())
@@ -318,7 +320,7 @@ class JoinerProcess:
         s = self.settings
         imp_topic, click_topic = s.topic_impressions, s.topic_clicks
         skew = s.event_max_future_skew_s
-        wall = time.time()
+        wall = self._wall()
         newest = wall + skew  # the newest event time accepted
         offsets, early = self.offsets, self._early
         add_impression = self.joiner.add_impression

@@ -58,7 +58,7 @@ def stream(now: float) -> list[Message]:
     return msgs
 
 
-def run(process: JoinerProcess, msgs: list[Message], batch: int) -> dict:
+def run(process: JoinerProcess, msgs: list[Message], batch: int, wall: float) -> dict:
     produced: list[tuple[str, dict, bytes | None, list | None]] = []
     process._produce = lambda topic, value, key, headers=None: produced.append(
         (topic, orjson.loads(value) if topic != process.settings.topic_dlq else value, key,
@@ -67,6 +67,8 @@ def run(process: JoinerProcess, msgs: list[Message], batch: int) -> dict:
         (topic, orjson.loads(value), key, None) for key, value in labels)
     clock = [0.0]
     process._monotonic = lambda: clock[0]
+    # One wall time for every run: the future-skew reason states the distance in seconds.
+    process._wall = lambda: wall
     for i in range(0, len(msgs), batch):
         process.handle_batch(msgs[i:i + batch])
         process.tick()
@@ -85,10 +87,11 @@ def run(process: JoinerProcess, msgs: list[Message], batch: int) -> dict:
 
 
 def test_batches_give_what_single_messages_give(tmp_path: Path) -> None:
-    msgs = stream(time.time())
-    one = run(offline_process(tmp_path / "a"), msgs, batch=1)
+    now = time.time()
+    msgs = stream(now)
+    one = run(offline_process(tmp_path / "a"), msgs, batch=1, wall=now)
     for size in (7, len(msgs)):
-        assert run(offline_process(tmp_path / f"b{size}"), msgs, batch=size) == one
+        assert run(offline_process(tmp_path / f"b{size}"), msgs, batch=size, wall=now) == one
 
     labels = {v["event_id"]: v["label"] for t, v, _, _ in one["produced"] if t.endswith("events")}
     # Every shown item of the 40 closed requests has its label; clicked ones are positives.
