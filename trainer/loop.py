@@ -134,6 +134,7 @@ class PublishHook(Protocol):
     """The snapshot publisher, driven from the training thread between batches."""
 
     def maybe_publish(self, now: float | None = None) -> bool: ...
+    def due(self, now: float | None = None) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -511,12 +512,19 @@ class Trainer:
                      self.clock.state() if self.hooks else None, started)
 
     def _attempt(self, step: _Step) -> StepResult | Exception:
-        """The learner's step (on the stepper thread when pipelined): its result, or what it
-        raised, for :meth:`_finish` to judge on the training thread."""
+        """The learner's step, then the hooks and the finite check (on the stepper thread when
+        pipelined, so before the next step starts): its result, or what it raised, for
+        :meth:`_finish` to judge on the training thread. After a result, what is left to
+        :meth:`_finish` is bookkeeping that reads no learner state, which is what lets
+        :meth:`run` start the next step first."""
         try:
             self.clock.observe(step.batch.ts)
-            return self.learner.step_batch(step.batch.sparse, step.batch.labels, step.batch.ts,
-                                           logit_offset=step.logit_offset)
+            result = self.learner.step_batch(step.batch.sparse, step.batch.labels,
+                                             step.batch.ts, logit_offset=step.logit_offset)
+            for hook in self.hooks:
+                hook.on_batch(step.batch, self.learner)
+            self._check_finite(result.probs)
+            return result
         except Exception as exc:
             return exc
 
@@ -528,9 +536,6 @@ class Trainer:
                 raise outcome
             result = outcome
             step_seconds = time.perf_counter() - step.started
-            for hook in self.hooks:
-                hook.on_batch(batch, self.learner)
-            self._check_finite(result.probs)
         except Exception as exc:
             if self.learner.mutations != step.mutations or isinstance(exc, ModelDiverged):
                 raise StateDamaged(f"{type(exc).__name__}: {exc}") from exc
@@ -622,6 +627,15 @@ class Trainer:
             self.metrics.log_truncations.inc(len(rewound))
             self._last_checkpoint = 0.0
 
+    def housekeeping_due(self, now: float) -> bool:
+        """Whether :meth:`housekeeping` at ``now`` would do more than look at the clock."""
+        s = self.settings
+        return ((self.publisher is not None and self.publisher.due(now))
+                or now - self._last_sweep >= s.trainer_sweep_interval_s
+                or now - self._last_gauges >= 1.0
+                or (bool(self.offsets)
+                    and now - self._last_checkpoint >= s.trainer_checkpoint_interval_s))
+
     def housekeeping(self, force_checkpoint: bool = False) -> None:
         """Publish, sweep expired rows, refresh gauges, checkpoint when due."""
         now = time.monotonic()
@@ -642,12 +656,15 @@ class Trainer:
     def run(self, stop: threading.Event | None = None, max_events: int | None = None) -> None:
         """Consume until ``stop`` is set (or ``max_events`` trained); checkpoint on the way out.
 
-        Pipelined: a clean batch's learning step runs on a stepper thread while this thread
-        consumes and scans the next batch (the step's numba kernels and torch ops release the
-        GIL). Everything else — judging the step, hooks, dead letters, housekeeping, Kafka —
-        stays on this thread, and only after the previous step has settled
-        (:meth:`_settle`), so every batch is learned, checked and checkpointed in order
-        exactly as the synchronous :meth:`process` would.
+        Pipelined: a clean batch's learning step (with the hooks and the finite check) runs on
+        a stepper thread while this thread consumes and scans the next batch (the step's numba
+        kernels and torch ops release the GIL). Everything else — judging the step, dead
+        letters, housekeeping, Kafka — stays on this thread, and only after the previous step
+        has settled (:meth:`_settle`), so every batch is learned, checked and checkpointed in
+        order exactly as the synchronous :meth:`process` would. When the previous step
+        succeeded and no housekeeping is due, the next step starts as soon as it ends, and its
+        bookkeeping (offsets, progressive window, counters) runs beside the next step: it reads
+        no learner state, so the stepper does not wait for it.
         """
         stop = stop or threading.Event()
         self._consumer.subscribe([self.settings.topic_events], on_assign=self._on_assign,
@@ -665,15 +682,18 @@ class Trainer:
                 messages = self._consumer.consume(num_messages=size, timeout=wait)
                 batch = (self._scan_clean(messages, time.time())
                          if messages and not self._suspects else None)
-                rolled_back = self._settle()
-                self.housekeeping()
-                if messages and not rolled_back:  # after a rollback the consumer re-reads
-                    if batch is not None:
-                        step = self._begin(batch)
-                        self._in_flight = _InFlight(step, messages,
-                                                    self._stepper.submit(self._attempt, step))
-                    else:
-                        self.process(messages)
+                if batch is not None and not self.housekeeping_due(time.monotonic()):
+                    rolled_back = self._settle(then=lambda b=batch, m=messages:
+                                               self._submit(b, m))
+                else:
+                    rolled_back = self._settle()
+                    self.housekeeping()
+                    if messages and not rolled_back:  # after a rollback the consumer re-reads
+                        if batch is not None:
+                            self._submit(batch, messages)
+                        else:
+                            self.process(messages)
+                if messages and not rolled_back:
                     self.metrics.batch_seconds.observe(time.perf_counter() - started)
                 if max_events is not None and self.trained + self.dead_lettered >= max_events:
                     break
@@ -685,22 +705,47 @@ class Trainer:
                 self._stepper = None
                 self.close()
 
-    def _settle(self) -> bool:
+    def _submit(self, batch: LabeledBatch, messages: list[Message]) -> None:
+        """Start learning ``batch`` (read from ``messages``) on the stepper thread."""
+        step = self._begin(batch)
+        self._in_flight = _InFlight(step, messages, self._stepper.submit(self._attempt, step))
+
+    def _settle(self, then: Callable[[], None] | None = None) -> bool:
         """Wait for the batch on the stepper thread, then judge and book it as :meth:`process`
         does (isolating culprits, or rolling back a half-applied step). True if it rolled back.
+
+        ``then`` (start the next step) runs once the stepper is free and the settled batch
+        cannot roll back: at once after a step that succeeded (what is left is bookkeeping),
+        after the judgement otherwise, and not at all after a rollback.
         """
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
+            if then is not None:
+                then()
             return False
         in_flight.outcome.exception()  # wait; the outcome itself is judged below
+        succeeded = not isinstance(in_flight.outcome.result(), Exception)
+        if then is not None and succeeded:
+            then()
+            then = None
         self._advance_offsets(in_flight.messages)
         try:
             self._learn_or_isolate(in_flight.step.batch, in_flight.messages, in_flight)
         except StateDamaged as exc:
+            self._drop_in_flight()
             self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
             return True
         self._dlq.poll(0)
+        if then is not None:
+            then()
         return False
+
+    def _drop_in_flight(self) -> None:
+        """Wait for a step started on top of a batch that then failed, and forget it: the
+        rollback replaces its state and the consumer re-reads its messages."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            in_flight.outcome.exception()
 
     def close(self) -> None:
         """Final checkpoint and commit, then release Kafka and the publisher."""

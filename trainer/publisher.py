@@ -174,6 +174,10 @@ class Publisher:
 
     # ---- the training thread's entry points -----------------------------------------------
 
+    def due(self, now: float | None = None) -> bool:
+        """Whether :meth:`maybe_publish` at ``now`` would gather (the interval elapsed)."""
+        return (time.monotonic() if now is None else now) - self._last_cycle >= self.interval_s
+
     def maybe_publish(self, now: float | None = None) -> bool:
         """Gather and hand over changes if the interval elapsed; never blocks on Redis.
 
@@ -181,7 +185,7 @@ class Publisher:
         (inline). Redis errors are never raised: they are logged, counted, and retried.
         """
         now = time.monotonic() if now is None else now
-        if now - self._last_cycle < self.interval_s:
+        if not self.due(now):
             return False
         self._last_cycle = now
         if self._queue is not None and self._queue.full():

@@ -102,3 +102,53 @@ def test_an_event_that_breaks_training_is_dead_lettered_not_fatal(
     assert dict(dlq[0].headers())["reason"].decode().startswith(
         "<training>: FloatingPointError")
     assert orjson.loads(dlq[0].value())["item_id"] == "poison"
+
+
+def test_the_pipelined_loop_learns_what_its_batches_learned_one_after_another_give(
+        settings: Settings, tmp_path) -> None:
+    """The shipped trainer (exploration hook, publisher) consuming from Kafka, each step
+    started before the previous batch is booked, ends in the state of a second trainer that
+    learns the same batches synchronously, in the same order: bit for bit."""
+    import numpy as np
+
+    from trainer.model import model_arrays
+
+    events = list(SyntheticStream(SyntheticConfig(seed=11)).events(12_000))
+    produce_events(settings.kafka_bootstrap, settings.topic_events, events)
+    settings = settings.model_copy(update={"trainer_batch_max_events": 1000,
+                                           "trainer_sweep_interval_s": 3600.0})
+    metrics = TrainerMetrics()
+    trainer = build_trainer(settings, metrics)
+    batches = []
+    begin = trainer._begin
+
+    def recording_begin(batch):
+        batches.append(batch)
+        return begin(batch)
+
+    trainer._begin = recording_begin
+    thread = threading.Thread(target=trainer.run, kwargs={"max_events": len(events)},
+                              daemon=True)
+    thread.start()
+    thread.join(120)
+    assert not thread.is_alive(), f"trainer stuck at {trainer.stats()}"
+    assert trainer.trained == len(events) and len(batches) > 3
+
+    replica = build_trainer(settings.model_copy(update={
+        "trainer_checkpoint_dir": tmp_path / "replica"}), TrainerMetrics())
+    try:
+        for batch in batches:
+            replica.learn(batch)
+    finally:
+        replica._release()
+    a, b = trainer.learner, replica.learner
+    for name, weights in model_arrays(a.model).items():
+        assert np.array_equal(weights, model_arrays(b.model)[name]), name
+    for slot in a.tables:
+        ids_a, emb_a = a.tables[slot].all_rows()
+        ids_b, emb_b = b.tables[slot].all_rows()
+        assert np.array_equal(ids_a, ids_b) and np.array_equal(emb_a, emb_b), slot
+    hook_a, hook_b = trainer.hooks[0], replica.hooks[0]
+    for key, value in hook_a.bandit.to_arrays().items():
+        assert np.array_equal(value, hook_b.bandit.to_arrays()[key]), key
+    assert trainer.window.scores().auc == replica.window.scores().auc
