@@ -33,7 +33,7 @@ from featurestore.schema import ModelConfig
 from featurestore.table import TableSet
 from freshrec.settings import DEFAULT_MICRO_BATCH
 from trainer import wide
-from trainer.model import CTRModel, dense_step, make_dense_optimizer
+from trainer.model import CTRModel, clear_grads, dense_step, make_dense_optimizer
 
 
 @dataclass(frozen=True)
@@ -252,7 +252,7 @@ class OnlineLearner:
 
     def _dense_update(self, loss: torch.Tensor | None, slice_index: int) -> None:
         """One dense optimizer step on ``loss`` (the single process never passes ``None``)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.optimizer)
         if loss is not None:
             loss.backward()
         dense_step(self.optimizer)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from featurestore.schema import ModelConfig
 
@@ -66,15 +67,25 @@ class CTRModel(nn.Module):
         self.head = nn.Linear(head_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Deep logits, shape ``(batch,)`` (without the wide part)."""
+        """Deep logits, shape ``(batch,)`` (without the wide part).
+
+        The layers are applied as the functions their modules call (``F.linear``,
+        ``torch.relu``): the same kernels and results, without ``nn.Module.__call__``'s hook
+        checks per layer — ~0.3 µs per example of the trainer's step at slices of 512.
+        """
         if self.arch == "lr":
             return self.linear(x).squeeze(-1) + self.bias
-        deep = self.mlp(x)
+        deep = x
+        for layer in self.mlp:
+            deep = (F.linear(deep, layer.weight, layer.bias) if isinstance(layer, nn.Linear)
+                    else torch.relu(deep))
         if self.arch == "dcn":
             xl = x
             for layer in self.cross:
-                xl = x * layer(xl) + xl
-            return self.head(torch.cat([deep, xl], dim=-1)).squeeze(-1) + self.bias
+                xl = x * F.linear(xl, layer.weight, layer.bias) + xl
+            head = self.head
+            return (F.linear(torch.cat([deep, xl], dim=-1), head.weight, head.bias).squeeze(-1)
+                    + self.bias)
         parts = torch.split(x, self.slot_dims, dim=-1)
         v = torch.stack([p(part) for p, part in zip(self.fm_proj, parts, strict=True)], dim=1)
         fm = 0.5 * (v.sum(1).pow(2) - v.pow(2).sum(1)).sum(-1, keepdim=True)
@@ -91,6 +102,14 @@ def make_dense_optimizer(model: CTRModel, config: ModelConfig) -> torch.optim.Op
     # fused: one compiled kernel for the whole update of every parameter; per-parameter loops
     # (and even foreach's op-by-op passes) cost more than the math at these sizes.
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def clear_grads(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its profiler scope and per-device
+    grouping, which cost ~0.25 ms per call here: once per slice, ~0.5 µs per example."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
 
 
 def dense_step(optimizer: torch.optim.Optimizer) -> None:

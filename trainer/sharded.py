@@ -36,7 +36,7 @@ from featurestore.snapshot_keys import bucket_of
 from featurestore.table import EmbeddingTable
 from freshrec.settings import DEFAULT_MICRO_BATCH
 from trainer.learner import OnlineLearner, StepResult, _WorkingSet
-from trainer.model import dense_step
+from trainer.model import clear_grads, dense_step
 
 # Buckets when the snapshot layout is unbucketed (FRESHREC_SNAPSHOT_BUCKETS=0) but there are
 # ranks: ownership needs buckets all the same. 64 is the measured sweet spot of docs/scale.md.
@@ -161,7 +161,7 @@ class ShardedLearner(OnlineLearner):
     def _dense_update(self, loss: torch.Tensor | None, slice_index: int) -> None:
         """All-reduce the slice's gradient (each rank's mean weighted by its share), then the
         same optimizer step on every rank: the weights stay identical."""
-        self.optimizer.zero_grad(set_to_none=True)
+        clear_grads(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if loss is not None:
             (loss * self._slice_weight[slice_index]).backward()
