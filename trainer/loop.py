@@ -17,8 +17,9 @@ Event time is untrusted: events dated beyond wall clock + ``event_max_future_ske
 dead-lettered, and expiry follows :class:`freshrec.eventclock.EventClock`, a watermark no single
 event can push, with at most ``trainer_max_expiry_fraction`` of a table expired per sweep.
 
-Single-threaded by design: the embedding tables have one writer, and the publisher gathers
-changes between batches on the same thread.
+One writer at a time: a step (on the stepper thread in :meth:`Trainer.run`) and its hooks
+change the learner's state; the training thread reads or changes it (publishing, sweeps,
+checkpoints, rollbacks) only while no step runs.
 """
 
 from __future__ import annotations
