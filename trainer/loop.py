@@ -530,33 +530,36 @@ class Trainer:
             return exc
 
     def _finish(self, step: _Step, outcome: StepResult | Exception) -> None:
-        """Hooks, checks and bookkeeping of a step; raises as :meth:`learn` documents."""
+        """Judge a step's outcome, then book it; raises as :meth:`learn` documents.
+
+        Booking a step that succeeded (progressive window, counters, audit log) cannot be
+        retried event by event — the events are learned — so its failure is
+        :class:`StateDamaged`: the caller rolls back and learns them again, once.
+        """
         batch = step.batch
-        try:
-            if isinstance(outcome, Exception):
-                raise outcome
-            result = outcome
-            step_seconds = time.perf_counter() - step.started
-        except Exception as exc:
-            if self.learner.mutations != step.mutations or isinstance(exc, ModelDiverged):
-                raise StateDamaged(f"{type(exc).__name__}: {exc}") from exc
+        if isinstance(outcome, Exception):
+            if self.learner.mutations != step.mutations or isinstance(outcome, ModelDiverged):
+                raise StateDamaged(f"{type(outcome).__name__}: {outcome}") from outcome
             if step.clock is not None:
                 self.clock = EventClock.from_state(step.clock)
                 for hook in self.hooks:
                     if hasattr(hook, "clock"):
                         hook.clock = self.clock
-            raise
-        labels, ts = batch.labels, batch.ts
-        self.window.add(labels, result.probs)
-        self.trained += len(batch)
-        self.max_event_ts = max(self.max_event_ts, float(ts.max()))
-        self.metrics.events.labels("trained").inc(len(batch))
-        self.metrics.batches.inc()
-        self.metrics.step_seconds.observe(step_seconds)
-        self.metrics.event_time.set(self.max_event_ts)
-        if self._audit is not None:
-            self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in batch.events))
-            self._audit.flush()
+            raise outcome
+        step_seconds = time.perf_counter() - step.started
+        try:
+            self.window.add(batch.labels, outcome.probs)
+            self.trained += len(batch)
+            self.max_event_ts = max(self.max_event_ts, float(batch.ts.max()))
+            self.metrics.events.labels("trained").inc(len(batch))
+            self.metrics.batches.inc()
+            self.metrics.step_seconds.observe(step_seconds)
+            self.metrics.event_time.set(self.max_event_ts)
+            if self._audit is not None:
+                self._audit.write(b"".join(e.event_id.encode() + b"\n" for e in batch.events))
+                self._audit.flush()
+        except Exception as exc:
+            raise StateDamaged(f"booking a learned batch: {type(exc).__name__}: {exc}") from exc
 
     def sweep(self, now: float | None = None) -> dict[str, np.ndarray]:
         """Expire rows by the event clock (or ``now``, a watermark shared by trainer ranks), at
@@ -715,9 +718,9 @@ class Trainer:
         """Wait for the batch on the stepper thread, then judge and book it as :meth:`process`
         does (isolating culprits, or rolling back a half-applied step). True if it rolled back.
 
-        ``then`` (start the next step) runs once the stepper is free and the settled batch
-        cannot roll back: at once after a step that succeeded (what is left is bookkeeping),
-        after the judgement otherwise, and not at all after a rollback.
+        ``then`` (start the next step) runs once the stepper is free: at once after a step that
+        succeeded, whose booking (offsets, progressive window, counters) then runs beside the
+        next step; after the judgement otherwise, and not at all after a rollback.
         """
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is None:
@@ -725,15 +728,25 @@ class Trainer:
                 then()
             return False
         in_flight.outcome.exception()  # wait; the outcome itself is judged below
-        succeeded = not isinstance(in_flight.outcome.result(), Exception)
-        if then is not None and succeeded:
+        outcome = in_flight.outcome.result()
+        if then is not None and not isinstance(outcome, Exception):
             then()
-            then = None
+            self._advance_offsets(in_flight.messages)
+            try:
+                self._finish(in_flight.step, outcome)
+            except StateDamaged:
+                # Booking failed with the next step already applied: both go back to the last
+                # checkpoint and are learned again, once.
+                log.exception("booking a learned batch failed")
+                self._drop_in_flight()
+                self._rollback("failed")
+                return True
+            self._dlq.poll(0)
+            return False
         self._advance_offsets(in_flight.messages)
         try:
             self._learn_or_isolate(in_flight.step.batch, in_flight.messages, in_flight)
         except StateDamaged as exc:
-            self._drop_in_flight()
             self._rollback("diverged" if isinstance(exc.__cause__, ModelDiverged) else "failed")
             return True
         self._dlq.poll(0)
@@ -742,7 +755,7 @@ class Trainer:
         return False
 
     def _drop_in_flight(self) -> None:
-        """Wait for a step started on top of a batch that then failed, and forget it: the
+        """Wait for a step started before its predecessor's booking failed, and forget it: the
         rollback replaces its state and the consumer re-reads its messages."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:

@@ -152,3 +152,30 @@ def test_the_pipelined_loop_learns_what_its_batches_learned_one_after_another_gi
     for key, value in hook_a.bandit.to_arrays().items():
         assert np.array_equal(value, hook_b.bandit.to_arrays()[key]), key
     assert trainer.window.scores().auc == replica.window.scores().auc
+
+
+def test_a_booking_that_fails_beside_the_next_step_rolls_both_back(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When booking a learned batch fails while the next step already runs, the trainer goes
+    back to its checkpoint and learns both again: every event is counted once at the end."""
+    from trainer.progressive import ProgressiveWindow
+
+    events = list(SyntheticStream(SyntheticConfig(seed=12)).events(8000))
+    produce_events(settings.kafka_bootstrap, settings.topic_events, events)
+    settings = settings.model_copy(update={"trainer_batch_max_events": 1000})
+    real_add = ProgressiveWindow.add
+    calls = [0]
+
+    def add(self, labels, probs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError("disk full")
+        return real_add(self, labels, probs)
+
+    monkeypatch.setattr(ProgressiveWindow, "add", add)
+    trainer, metrics = run_trainer(settings, len(events))
+    assert sample(metrics, "freshrec_trainer_rollbacks_total", reason="failed") == 1
+    assert trainer.trained == len(events)
+    assert trainer.dead_lettered == 0
+    committed = sum(trainer.checkpointer.latest().offsets[settings.topic_events].values())
+    assert committed == len(events)

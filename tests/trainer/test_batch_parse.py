@@ -60,3 +60,26 @@ def test_a_batch_with_anything_to_dead_letter_is_left_untouched(tmp_path: Path) 
         assert t.offsets == {}
     t._culprits["some-event"] = "<training>: ValueError"
     assert t._parse_clean(messages(good), time.time()) is None
+
+
+def test_a_learned_batch_whose_booking_fails_is_state_damage_not_a_retry(
+        tmp_path: Path, monkeypatch) -> None:
+    """Booking a step that succeeded (window, counters, audit log) cannot be retried event by
+    event: the events are learned. Its failure asks for a rollback, like a half-applied step."""
+    import pytest
+
+    from featurestore.events import parse_labeled_event
+    from trainer.loop import StateDamaged
+    from trainer.progressive import ProgressiveWindow
+
+    def full_disk(self, labels, probs) -> None:
+        raise OSError("disk full")
+
+    t = trainer(tmp_path)
+    events = [parse_labeled_event(v) for v in clean_values()]
+    monkeypatch.setattr(ProgressiveWindow, "add", full_disk)
+    before = t.learner.mutations
+    with pytest.raises(StateDamaged, match="booking a learned batch: OSError"):
+        t.learn(events)
+    assert t.learner.mutations == before + 1 and t.trained == 0
+    t._release()
