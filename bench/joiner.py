@@ -4,8 +4,9 @@ Two parts, one run:
 
 1. **Joiner throughput through Kafka.** The stream of ``bench/joiner_core.py`` (requests of 10
    shown items, 5% click rate, exponential click delays) is produced to a real broker, keyed by
-   user id as the service keys impressions and clicks; a :class:`joiner.process.JoinerProcess`
-   consumes it and produces every label to the events topic. Shown items per second from the
+   user id as the service keys impressions and clicks; a :class:`joiner.process.JoinerProcess`,
+   in a process of its own set up as ``freshrec joiner`` sets itself up, consumes it and
+   produces every label to the events topic. Shown items per second from the
    first consumed batch handed to the joiner until every impression and click is handled,
    beside the broker's raw consume rate of the same messages and the pure join (no Kafka) of
    ``joiner_core``. Join delay: event time from impression to emitted label.
@@ -22,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -92,6 +95,7 @@ def raw_consume_rate(bootstrap: str, topics: list[str], expected: int) -> float:
 # steady-state work. At 1,000/s a 20,000-request stream spanned one window and closed none:
 # the figure then left out every negative.
 THROUGH_KAFKA_PER_S = 200.0
+JOINER_RUNS = 3
 
 
 def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict:
@@ -113,7 +117,48 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
     _produce(stack.kafka_bootstrap, "bj.clicks", clicks)
     raw_rate = raw_consume_rate(stack.kafka_bootstrap, ["bj.impressions", "bj.clicks"],
                                 len(imps) + len(clicks))
+    # The joiner runs in a process of its own, as deployed: not in this one, which holds the
+    # stream and the producers' and raw consumer's state.
+    # A run lasts about a second, at the mercy of a slow moment of the machine: the median of
+    # JOINER_RUNS runs is reported (each its own consumer group and fresh state), every run kept.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        runs = pool.submit(_run_joiners_here, settings, n_requests, len(clicks),
+                           JOINER_RUNS).result(timeout=300 * JOINER_RUNS)
+    shown = n_requests * ITEMS_PER_REQUEST
+    rates = [shown / r["elapsed"] if r["done"] else float("nan") for r in runs]
+    run = runs[int(np.argsort(rates)[len(rates) // 2])]
+    elapsed, delays, done = run["elapsed"], run["delays"], run["done"]
+    return {
+        "requests": n_requests,
+        "shown_items": shown,
+        "clicks": len(clicks),
+        "event_seconds": n_requests / THROUGH_KAFKA_PER_S,
+        "labels_in_timed_part": run["labels_timed"],
+        "impressions_per_s": shown / elapsed if done else float("nan"),
+        "runs_impressions_per_s": [round(r) for r in rates],
+        "raw_consume_msgs_per_s": raw_rate,
+        "raw_consume_shown_items_per_s": raw_rate * len(imps) * ITEMS_PER_REQUEST
+        / (len(imps) + len(clicks)),
+        "join_delay_p50_s": float(np.percentile(delays, 50)) if delays else None,
+        "join_delay_p99_s": float(np.percentile(delays, 99)) if delays else None,
+        "counts": run["counts"],
+        "seconds": elapsed,
+    }
 
+
+def _run_joiners_here(settings: Settings, n_requests: int, n_clicks: int, runs: int
+                      ) -> list[dict]:
+    """``runs`` joiners one after another, each with its own group and checkpoint."""
+    return [_run_joiner_here(settings.model_copy(update={
+        "joiner_group_id": f"{settings.joiner_group_id}-{k}",
+        "joiner_checkpoint_dir": settings.joiner_checkpoint_dir / str(k)}), n_requests, n_clicks)
+        for k in range(runs)]
+
+
+def _run_joiner_here(settings: Settings, n_requests: int, n_clicks: int) -> dict:
+    """A JoinerProcess set up as ``freshrec joiner`` sets itself up, run until every impression
+    and click is handled; the time runs from the first consumed batch handed to it."""
     metrics = JoinerMetrics()
     apply_thread_budget(cpu_budget(settings.cpu_threads))  # as `freshrec joiner` does
     process = JoinerProcess(settings, metrics)
@@ -141,16 +186,16 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
     process.handle_batch = timed_handle_batch  # type: ignore[method-assign]
     thread = threading.Thread(target=process.run, args=(stop,), daemon=True)
     thread.start()
-    shown = n_requests * ITEMS_PER_REQUEST
     done_at, labels_timed = None, 0.0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         consumed = metrics.registry.get_sample_value("freshrec_joiner_impressions_total") or 0
-        clicks_read = sum(o for (t, _), o in list(process.offsets.items()) if t == "bj.clicks")
+        clicks_read = sum(o for (t, _), o in list(process.offsets.items())
+                          if t == settings.topic_clicks)
         # Caught up: every impression and click consumed and handled (clicks ahead of the
         # impressions stream wait in the process, as designed). The windows still open at the
         # end of a finite stream close later, on the idle advance, and are not timed.
-        if consumed >= n_requests and clicks_read >= len(clicks):
+        if consumed >= n_requests and clicks_read >= n_clicks:
             done_at = time.perf_counter()
             labels_timed = sum(metrics.registry.get_sample_value(
                 "freshrec_joiner_examples_total", {"label": lab}) or 0 for lab in ("0", "1"))
@@ -160,22 +205,8 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
     thread.join(30)
     gc.unfreeze()
     elapsed = (done_at or time.perf_counter()) - marks.get("first", time.perf_counter())
-    counts = process.joiner.counts()
-    return {
-        "requests": n_requests,
-        "shown_items": shown,
-        "clicks": len(clicks),
-        "event_seconds": n_requests / THROUGH_KAFKA_PER_S,
-        "labels_in_timed_part": labels_timed,
-        "impressions_per_s": shown / elapsed if done_at else float("nan"),
-        "raw_consume_msgs_per_s": raw_rate,
-        "raw_consume_shown_items_per_s": raw_rate * len(imps) * ITEMS_PER_REQUEST
-        / (len(imps) + len(clicks)),
-        "join_delay_p50_s": float(np.percentile(delays, 50)) if delays else None,
-        "join_delay_p99_s": float(np.percentile(delays, 99)) if delays else None,
-        "counts": asdict(counts),
-        "seconds": elapsed,
-    }
+    return {"elapsed": elapsed, "done": done_at is not None, "labels_timed": labels_timed,
+            "delays": delays, "counts": asdict(process.joiner.counts())}
 
 
 def _trained(port: int) -> float:
