@@ -258,9 +258,10 @@ def raw_consume_rate(bootstrap: str, topic: str, total: int, batch: int = BATCH)
     return seen / elapsed if elapsed > 0 else float("nan")
 
 
-def trainer_rates(stack: LocalStack, topic: str, total: int, checkpoint_dir: Path, runs: int
-                  ) -> list[dict[str, Any]]:
-    """``runs`` real Trainers (no publisher, no hooks) one after another, each consuming
+def trainer_rates(stack: LocalStack, topic: str, total: int, checkpoint_dir: Path, runs: int,
+                  shipped: bool = False) -> list[dict[str, Any]]:
+    """``runs`` real Trainers (no publisher, no hooks; ``shipped``: with the exploration hook
+    and the publisher, as ``freshrec trainer`` builds it) one after another, each consuming
     ``total`` events from the start with fresh tables, in a process of their own.
 
     The deployed trainer is a long-running process that only trains. This one holds both
@@ -273,25 +274,31 @@ def trainer_rates(stack: LocalStack, topic: str, total: int, checkpoint_dir: Pat
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         return pool.submit(_trainer_rates_here, stack.kafka_bootstrap, stack.redis_url, topic,
-                           total, checkpoint_dir, runs).result(timeout=660 * runs)
+                           total, checkpoint_dir, runs, shipped).result(timeout=660 * runs)
 
 
 def _trainer_rates_here(bootstrap: str, redis_url: str, topic: str, total: int,
-                        checkpoint_dir: Path, runs: int) -> list[dict[str, Any]]:
+                        checkpoint_dir: Path, runs: int, shipped: bool) -> list[dict[str, Any]]:
     """:func:`trainer_rates` in the current process, set up as ``freshrec trainer`` is."""
     apply_thread_budget(cpu_budget(Settings().cpu_threads))
-    return [_trainer_rate_here(bootstrap, redis_url, topic, total, checkpoint_dir / str(k))
-            for k in range(runs)]
+    return [_trainer_rate_here(bootstrap, redis_url, topic, total, checkpoint_dir / str(k),
+                               shipped) for k in range(runs)]
 
 
 def _trainer_rate_here(bootstrap: str, redis_url: str, topic: str, total: int,
-                       checkpoint_dir: Path) -> dict[str, Any]:
+                       checkpoint_dir: Path, shipped: bool = False) -> dict[str, Any]:
     """One Trainer from the start of ``topic``; the time runs from the first batch's step."""
+    run_id = uuid.uuid4().hex[:8]
     settings = Settings(kafka_bootstrap=bootstrap, redis_url=redis_url,
-                        topic_events=topic, trainer_group_id=f"bench-{uuid.uuid4().hex[:8]}",
+                        topic_events=topic, trainer_group_id=f"bench-{run_id}",
+                        model_name=f"bench-{run_id}",
                         trainer_checkpoint_dir=checkpoint_dir, trainer_metrics_port=0)
-    config = load_model_config(settings.model_config_path)
-    trainer = Trainer(settings, config)
+    if shipped:
+        from trainer.main import build_trainer
+
+        trainer = build_trainer(settings)
+    else:
+        trainer = Trainer(settings, load_model_config(settings.model_config_path))
     tune_gc()  # as `freshrec trainer` does
     marks: dict[str, float] = {}
     begin, finish = trainer._begin, trainer._finish
@@ -609,8 +616,17 @@ def main() -> None:
                                "events_per_s": round(tr["events_per_s"]),
                                "runs_events_per_s": [round(r["events_per_s"]) for r in runs],
                                "share_of_raw": round(tr["events_per_s"] / raw, 3)}
+            # As `freshrec trainer` ships: the exploration hook on the stepper and the publisher
+            # writing snapshots to the stack's Redis.
+            shipped = trainer_rates(stack, topics[0], len(events), Path(tmp) / "shipped",
+                                    KAFKA_RUNS, shipped=True)
+            kafka["movielens_as_shipped"] = {
+                "events_per_s": round(sorted(r["events_per_s"] for r in shipped)[KAFKA_RUNS // 2]),
+                "runs_events_per_s": [round(r["events_per_s"]) for r in shipped],
+                "with": "exploration hook and publisher (trainer.main.build_trainer)"}
             out["kafka"] = kafka
         out["events_per_s"] = kafka["movielens"]["events_per_s"]
+        out["events_per_s_as_shipped"] = kafka["movielens_as_shipped"]["events_per_s"]
         out["raw_consume_per_s"] = kafka["movielens"]["raw_consume_per_s"]
         out["events_per_s_synthetic"] = kafka["synthetic"]["events_per_s"]
         out["raw_consume_per_s_synthetic"] = kafka["synthetic"]["raw_consume_per_s"]
@@ -688,7 +704,8 @@ def print_table(out: dict[str, Any]) -> None:
     if "kafka" in out:
         for name, k in out["kafka"].items():
             rows.append((f"trainer from Kafka, {name} (events/s)", k["events_per_s"]))
-            rows.append((f"raw consume, {name} (events/s)", k["raw_consume_per_s"]))
+            if "raw_consume_per_s" in k:
+                rows.append((f"raw consume, {name} (events/s)", k["raw_consume_per_s"]))
     width = max(len(r[0]) for r in rows)
     print(f"{'metric':<{width}}  value")
     for name, value in rows:
