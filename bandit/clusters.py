@@ -32,6 +32,18 @@ from __future__ import annotations
 import numpy as np
 
 
+def _nearest_d2(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Squared distance of each row of ``X`` to its nearest row of ``centers`` (at least one).
+
+    One centre at a time: an ``(n, k, dim)`` temporary moves more memory than the arithmetic
+    costs. Each distance is summed exactly as ``((X - c) ** 2).sum(-1)``.
+    """
+    d2 = ((X - centers[0]) ** 2).sum(-1)
+    for c in centers[1:]:
+        np.minimum(d2, ((X - c) ** 2).sum(-1), out=d2)
+    return d2
+
+
 class OnlineKMeans:
     """Mini-batch k-means with per-centre ``1/count`` learning rates, fed one batch at a time.
 
@@ -90,8 +102,7 @@ class OnlineKMeans:
         # Squared distance to the nearest live centre, kept up to date as centres are added
         # (the minimum with the new centre's distances) instead of recomputed against every
         # live centre for each empty one: the same numbers, one pass over the live centres.
-        nearest = (((X[:, None, :] - self._centers[live][None, :, :]) ** 2).sum(-1).min(1)
-                   if live.size else None)
+        nearest = _nearest_d2(X, self._centers[live]) if live.size else None
         for j in empty:
             d2 = np.ones(len(X)) if nearest is None else nearest.copy()
             d2[used] = 0.0
@@ -108,14 +119,20 @@ class OnlineKMeans:
         return X[~used]
 
     def _seed_centers(self, X: np.ndarray) -> np.ndarray:
-        """k-means++ from ``X`` until all centres exist; return the points not used as seeds."""
+        """k-means++ from ``X`` until all centres exist; return the points not used as seeds.
+
+        The distance to the nearest centre is kept up to date as seeds are added (the minimum
+        with the new seed's distances), as in :meth:`_reseed_empty`: until every centre exists,
+        this runs on every batch, and recomputing it against every centre per seed was the
+        exploration hook's largest cost.
+        """
         used = np.zeros(len(X), dtype=bool)
+        nearest = _nearest_d2(X, self._centers[: self._n_init]) if self._n_init else None
         while self._n_init < self.n_clusters:
-            if self._n_init == 0:
+            if nearest is None:
                 i = int(self._rng.integers(len(X)))
             else:
-                c = self._centers[: self._n_init]
-                d2 = ((X[:, None, :] - c[None, :, :]) ** 2).sum(-1).min(1)
+                d2 = nearest.copy()
                 d2[used] = 0.0
                 total = d2.sum()
                 if total <= 1e-12:  # every remaining point duplicates a centre
@@ -127,6 +144,8 @@ class OnlineKMeans:
             self._n_init += 1
             if used.all():
                 break
+            to_new = ((X - X[i]) ** 2).sum(-1)
+            nearest = to_new if nearest is None else np.minimum(nearest, to_new)
         return X[~used]
 
     def partial_fit(self, X: np.ndarray, ts: float | None = None) -> None:

@@ -164,3 +164,41 @@ def test_compiled_contexts_equal_the_numpy_definition() -> None:
         want_cl, want_w = _context_reference(U, C, k, counts)
         np.testing.assert_array_equal(cl, want_cl)
         np.testing.assert_allclose(w, want_w, rtol=1e-9, atol=1e-12)
+
+
+def test_seeding_draws_the_centres_of_k_means_plus_plus_by_its_definition() -> None:
+    """The seeds are those of k-means++ as written: each next seed drawn with probability
+    proportional to the squared distance to its nearest existing centre, recomputed against
+    every centre (the implementation keeps that distance up to date instead). Batches repeat
+    few distinct points, so seeding stays incomplete over several batches, as with cold users."""
+    rng = np.random.default_rng(7)
+    k, dim = 12, 5
+    base = rng.normal(size=(9, dim)).round(1)
+    km = OnlineKMeans(k, dim, seed=3)
+    ref_rng = np.random.default_rng(3)
+    ref: list[np.ndarray] = []
+    seen: list[np.ndarray] = []
+    for batch in range(6):
+        X = base[rng.integers(3 + batch, size=40)]
+        seen.append(X)
+        rest = km._seed_centers(X)
+        used = np.zeros(len(X), dtype=bool)
+        while len(ref) < k:
+            if not ref:
+                i = int(ref_rng.integers(len(X)))
+            else:
+                c = np.array(ref)
+                d2 = ((X[:, None, :] - c[None, :, :]) ** 2).sum(-1).min(1)
+                d2[used] = 0.0
+                if d2.sum() <= 1e-12:
+                    break
+                i = int(ref_rng.choice(len(X), p=d2 / d2.sum()))
+            ref.append(X[i].copy())
+            used[i] = True
+            if used.all():
+                break
+        assert km.n_initialized == len(ref)
+        assert np.array_equal(km._centers[: len(ref)], np.array(ref))
+        assert np.array_equal(rest, X[~used])
+    # Fewer distinct points than clusters: each became a centre, and no other centre exists.
+    assert km.n_initialized == len(np.unique(np.concatenate(seen), axis=0)) < k
