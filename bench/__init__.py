@@ -8,8 +8,13 @@ httptools is a different, slower service than the one deployed.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Callable, Sequence
 from importlib import metadata
+from typing import TypeVar
+
+Run = TypeVar("Run")
 
 SHIPPED_EXTRAS = ("serve", "train")
 
@@ -35,3 +40,13 @@ def require_shipped_extras() -> None:
     if missing:
         raise SystemExit("not measured as shipped, missing: " + ", ".join(missing)
                          + "; pip install -e '.[" + ",".join(SHIPPED_EXTRAS) + "]'")
+
+
+def median_run(runs: Sequence[Run], rate: Callable[[Run], float]) -> Run:
+    """The run of the median ``rate`` (of an odd count, the middle one): what a benchmark
+    reports when one run is at the mercy of a slow moment of the machine. A NaN rate (a run
+    that did not finish) counts as the slowest."""
+    def key(run: Run) -> float:
+        r = rate(run)
+        return -math.inf if math.isnan(r) else r
+    return sorted(runs, key=key)[len(runs) // 2]

@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import require_shipped_extras
+from bench import median_run, require_shipped_extras
 from bench.joiner_core import ITEMS_PER_REQUEST, make_stream
 from freshrec.devstack import LocalStack, free_port
 from freshrec.kafka import (
@@ -126,8 +126,10 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
         runs = pool.submit(_run_joiners_here, settings, n_requests, len(clicks),
                            JOINER_RUNS).result(timeout=300 * JOINER_RUNS)
     shown = n_requests * ITEMS_PER_REQUEST
-    rates = [shown / r["elapsed"] if r["done"] else float("nan") for r in runs]
-    run = runs[int(np.argsort(rates)[len(rates) // 2])]
+    def rate(r: dict) -> float:
+        return shown / r["elapsed"] if r["done"] else float("nan")
+
+    run = median_run(runs, rate)
     elapsed, delays, done = run["elapsed"], run["delays"], run["done"]
     return {
         "requests": n_requests,
@@ -136,7 +138,7 @@ def joiner_through_kafka(stack: LocalStack, n_requests: int, work: Path) -> dict
         "event_seconds": n_requests / THROUGH_KAFKA_PER_S,
         "labels_in_timed_part": run["labels_timed"],
         "impressions_per_s": shown / elapsed if done else float("nan"),
-        "runs_impressions_per_s": [round(r) for r in rates],
+        "runs_impressions_per_s": [round(rate(r)) if r["done"] else None for r in runs],
         "raw_consume_msgs_per_s": raw_rate,
         "raw_consume_shown_items_per_s": raw_rate * len(imps) * ITEMS_PER_REQUEST
         / (len(imps) + len(clicks)),

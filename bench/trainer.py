@@ -44,7 +44,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import require_shipped_extras
+from bench import median_run, require_shipped_extras
 from featurestore.events import parse_labeled_event
 from featurestore.featurize import SlotIds, SparseBatch, event_record
 from featurestore.schema import ModelConfig, load_model_config
@@ -611,7 +611,7 @@ def main() -> None:
                 name = topic.split(".")[1]
                 raw = raw_consume_rate(stack.kafka_bootstrap, topic, total)
                 runs = trainer_rates(stack, topic, total, Path(tmp) / name, KAFKA_RUNS)
-                tr = sorted(runs, key=lambda r: r["events_per_s"])[KAFKA_RUNS // 2]
+                tr = median_run(runs, lambda r: r["events_per_s"])
                 kafka[name] = {"raw_consume_per_s": round(raw), **tr,
                                "events_per_s": round(tr["events_per_s"]),
                                "runs_events_per_s": [round(r["events_per_s"]) for r in runs],
@@ -621,7 +621,8 @@ def main() -> None:
             shipped = trainer_rates(stack, topics[0], len(events), Path(tmp) / "shipped",
                                     KAFKA_RUNS, shipped=True)
             kafka["movielens_as_shipped"] = {
-                "events_per_s": round(sorted(r["events_per_s"] for r in shipped)[KAFKA_RUNS // 2]),
+                "events_per_s": round(median_run(shipped, lambda r: r["events_per_s"])
+                                      ["events_per_s"]),
                 "runs_events_per_s": [round(r["events_per_s"]) for r in shipped],
                 "with": "exploration hook and publisher (trainer.main.build_trainer)"}
             out["kafka"] = kafka
