@@ -4,7 +4,9 @@ Sculley (2010), "Web-scale k-means clustering": each centre keeps a count ``v`` 
 every point assigned to it with learning rate ``1/v``. Within one mini-batch the points are assigned
 with the centres as they were at the start of the batch, so the per-point updates of one centre
 telescope into a running mean, ``c <- (v*c + sum(x)) / (v + n)``, which we compute in one
-vectorised step.
+compiled pass. A point may carry a multiplicity (``weights``): the trainer passes each distinct
+user of a batch once, weighing as many events as it has, and the centres move exactly as they
+would for every copy.
 
 Drift (``half_life_s > 0``): counts decay in event time, ``v <- v * 0.5^(Δt/half_life)``, so a
 centre's learning rate stops falling towards 0 and settles near ``1/(points per half-life)``:
@@ -30,6 +32,7 @@ centre of their own that means "no information".
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 
 def _nearest_d2(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
@@ -42,6 +45,26 @@ def _nearest_d2(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     for c in centers[1:]:
         np.minimum(d2, ((X - c) ** 2).sum(-1), out=d2)
     return d2
+
+
+@njit(cache=True)
+def _absorb(X: np.ndarray, w: np.ndarray, labels: np.ndarray, centers: np.ndarray,
+            counts: np.ndarray) -> None:
+    """Move each centre to the running mean of its count's worth of points and the weighted
+    points assigned to it: ``c <- (v*c + sum(w*x)) / (v + sum(w))``, ``v <- v + sum(w)``."""
+    k, dim = centers.shape
+    sums = np.zeros((k, dim))
+    n = np.zeros(k)
+    for i in range(X.shape[0]):
+        j = labels[i]
+        n[j] += w[i]
+        for t in range(dim):
+            sums[j, t] += w[i] * X[i, t]
+    for j in range(k):
+        if n[j] > 0:
+            for t in range(dim):
+                centers[j, t] = (counts[j] * centers[j, t] + sums[j, t]) / (counts[j] + n[j])
+            counts[j] += n[j]
 
 
 class OnlineKMeans:
@@ -92,87 +115,90 @@ class OnlineKMeans:
             self._counts *= np.exp2(-(ts - self.clock) / self.half_life_s)
         self.clock = max(self.clock, float(ts))
 
-    def _reseed_empty(self, X: np.ndarray) -> np.ndarray:
-        """Re-seed centres whose decayed count fell below ``min_count``; return unused points."""
+    def _draw(self, p: np.ndarray) -> int | None:
+        """An index drawn with probability proportional to ``p``; None if ``p`` has no mass."""
+        total = p.sum()
+        if total <= 1e-12:
+            return None
+        return int(self._rng.choice(len(p), p=p / total))
+
+    def _reseed_empty(self, X: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Re-seed centres whose decayed count fell below ``min_count``; return the points
+        (and multiplicities) not used as seeds."""
         empty = np.flatnonzero(self._counts[: self._n_init] < self.min_count)
         if len(empty) == 0 or len(X) == 0:
-            return X
+            return X, w
         live = np.setdiff1d(np.arange(self._n_init), empty)
-        used = np.zeros(len(X), dtype=bool)
+        w = w.copy()
         # Squared distance to the nearest live centre, kept up to date as centres are added
         # (the minimum with the new centre's distances) instead of recomputed against every
         # live centre for each empty one: the same numbers, one pass over the live centres.
         nearest = _nearest_d2(X, self._centers[live]) if live.size else None
         for j in empty:
-            d2 = np.ones(len(X)) if nearest is None else nearest.copy()
-            d2[used] = 0.0
-            total = d2.sum()
-            if total <= 1e-12:
+            i = self._draw(w if nearest is None else nearest * w)
+            if i is None:
                 break
-            i = int(self._rng.choice(len(X), p=d2 / total))
             self._centers[j] = X[i]
             self._counts[j] = 1.0
-            used[i] = True
+            w[i] = max(w[i] - 1.0, 0.0)
             to_new = ((X - self._centers[j]) ** 2).sum(-1)
             nearest = to_new if nearest is None else np.minimum(nearest, to_new)
             self.reseeded += 1
-        return X[~used]
+        keep = w > 0
+        return X[keep], w[keep]
 
-    def _seed_centers(self, X: np.ndarray) -> np.ndarray:
-        """k-means++ from ``X`` until all centres exist; return the points not used as seeds.
+    def _seed_centers(self, X: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """k-means++ from ``X`` (row i standing for ``w[i]`` equal points) until all centres
+        exist; return the points and multiplicities not used as seeds.
 
-        The distance to the nearest centre is kept up to date as seeds are added (the minimum
-        with the new seed's distances), as in :meth:`_reseed_empty`: until every centre exists,
-        this runs on every batch, and recomputing it against every centre per seed was the
-        exploration hook's largest cost.
+        A seed is drawn with probability proportional to multiplicity times the squared
+        distance to the nearest centre, exactly k-means++ over the expanded points, and uses up
+        one of its point's copies. The distance to the nearest centre is kept up to date as
+        seeds are added (the minimum with the new seed's distances): until every centre exists
+        this runs on every batch.
         """
-        used = np.zeros(len(X), dtype=bool)
+        w = w.copy()
         nearest = _nearest_d2(X, self._centers[: self._n_init]) if self._n_init else None
         while self._n_init < self.n_clusters:
-            if nearest is None:
-                i = int(self._rng.integers(len(X)))
-            else:
-                d2 = nearest.copy()
-                d2[used] = 0.0
-                total = d2.sum()
-                if total <= 1e-12:  # every remaining point duplicates a centre
-                    break
-                i = int(self._rng.choice(len(X), p=d2 / total))
+            i = self._draw(w if nearest is None else nearest * w)
+            if i is None:  # every remaining point duplicates a centre
+                break
             self._centers[self._n_init] = X[i]
             self._counts[self._n_init] = 1
-            used[i] = True
+            w[i] = max(w[i] - 1.0, 0.0)
             self._n_init += 1
-            if used.all():
-                break
             to_new = ((X - X[i]) ** 2).sum(-1)
             nearest = to_new if nearest is None else np.minimum(nearest, to_new)
-        return X[~used]
+        keep = w > 0
+        return X[keep], w[keep]
 
-    def partial_fit(self, X: np.ndarray, ts: float | None = None) -> None:
+    def partial_fit(self, X: np.ndarray, ts: float | None = None,
+                    weights: np.ndarray | None = None) -> None:
         """Absorb one mini-batch of points ``float[n, dim]``; all-zero rows are skipped.
 
         ``ts``: the batch's event time; counts decay to it first (with a half-life).
+        ``weights``: each row's multiplicity (a positive whole number): a row of weight m is
+        absorbed exactly as m copies of it would be, so a batch can pass each distinct point
+        once.
         """
         X = np.asarray(X, dtype=np.float64).reshape(-1, self.dim)
-        X = X[np.isfinite(X).all(1) & (np.abs(X).sum(1) > 0)]
+        w = (np.ones(len(X)) if weights is None
+             else np.asarray(weights, dtype=np.float64).reshape(len(X)))
+        if not (np.isfinite(w).all() and (w > 0).all()):
+            raise ValueError("weights must be finite and positive")
+        ok = np.isfinite(X).all(1) & (np.abs(X).sum(1) > 0)
+        X, w = X[ok], w[ok]
         self._decay_to(ts)
         if len(X) == 0:
             return
         if self._n_init < self.n_clusters:
-            X = self._seed_centers(X)
+            X, w = self._seed_centers(X, w)
         elif self.half_life_s > 0:
-            X = self._reseed_empty(X)
+            X, w = self._reseed_empty(X, w)
         if len(X) == 0:
             return
-        labels = self.predict(X)
-        n = np.bincount(labels, minlength=self._n_init).astype(np.float64)
-        sums = np.zeros((self._n_init, self.dim))
-        np.add.at(sums, labels, X)
-        hit = n > 0
-        v = self._counts[: self._n_init]
-        c = self._centers[: self._n_init]
-        c[hit] = (v[hit, None] * c[hit] + sums[hit]) / (v[hit] + n[hit])[:, None]
-        self._counts[: self._n_init] += n
+        _absorb(X, w, self.predict(X), self._centers[: self._n_init],
+                self._counts[: self._n_init])
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Index of the nearest initialised centre for each row, int64 ``(n,)``."""

@@ -23,7 +23,8 @@ added already discounted. The state is therefore ``Σ_events 0.5^((t_item - t_ev
 independent of arrival order, which keeps merges exact under decay. ``d`` never drops below λ.
 
 Idempotence: ``update(..., event_ids=...)`` skips ids already applied. Memory is bounded: the
-model remembers the last ``dedup_capacity`` applied ids (a FIFO window), so a duplicate is caught
+model remembers the last ``dedup_capacity`` applied ids (a FIFO window of whole batches,
+:class:`bandit.recent_ids.RecentIds`), so a duplicate is caught
 if fewer than ``dedup_capacity`` distinct events were applied between the two copies. At ~100 bytes
 per id the default 1,000,000 ids cost ~100 MB; size it to (events/s × redelivery horizon).
 
@@ -42,12 +43,13 @@ and applies each delta with :meth:`patch`, then calls only :meth:`score`.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from numba import njit
+
+from bandit.recent_ids import RecentIds
 
 _NO_TIME = -np.inf  # a row that has never seen an event (or an empty model's clock)
 
@@ -125,8 +127,7 @@ class DiagLinUCB:
         self._alloc(16)
         self._sorted_ids = np.empty(0, dtype=np.int64)
         self._sorted_rows = np.empty(0, dtype=np.int64)
-        self._seen: set[str] = set()
-        self._seen_order: deque[str] = deque()
+        self._seen = RecentIds(self.dedup_capacity)
 
     # ------------------------------------------------------------------ storage
     def _alloc(self, cap: int) -> None:
@@ -223,12 +224,7 @@ class DiagLinUCB:
         if event_ids is not None:
             if len(event_ids) != n:
                 raise ValueError("event_ids must have one id per event")
-            keep = np.ones(n, dtype=bool)
-            for i, e in enumerate(event_ids):
-                if e in self._seen:
-                    keep[i] = False
-                else:
-                    self._remember(e)
+            keep = self._seen.admit(event_ids)
             ids, cl, w, r, t = ids[keep], cl[keep], w[keep], r[keep], t[keep]
             n = len(ids)
         if n == 0:
@@ -282,12 +278,6 @@ class DiagLinUCB:
         self.version += 1
         return gone
 
-    def _remember(self, event_id: str) -> None:
-        self._seen.add(event_id)
-        self._seen_order.append(event_id)
-        while len(self._seen_order) > self.dedup_capacity:
-            self._seen.discard(self._seen_order.popleft())
-
     def merge(self, other: DiagLinUCB) -> None:
         """Add another shard's data parts (d-λ, b) into this one; commutative and associative.
 
@@ -319,9 +309,7 @@ class DiagLinUCB:
             self.version += 1
             self._rv[rows] = self.version
         self.clock = max(self.clock, other.clock)
-        for e in other._seen_order:
-            if e not in self._seen:
-                self._remember(e)
+        self._seen.admit(list(other._seen))
 
     def decay_to(self, now: float) -> None:
         """Age every item's statistics to event time ``now`` (items already newer are untouched).
@@ -418,7 +406,7 @@ class DiagLinUCB:
             "b": self._b[:n].copy(),
             "t": self._t[:n].copy(),
             "row_version": self._rv[:n].copy(),
-            "dedup_ids": np.array(list(self._seen_order), dtype=np.str_),
+            "dedup_ids": np.array(list(self._seen), dtype=np.str_),
             "n_clusters": np.array(self.n_clusters, dtype=np.int64),
             "lam": np.array(self.lam),
             "half_life_s": np.array(self.half_life_s),
@@ -450,8 +438,7 @@ class DiagLinUCB:
         m._sorted_rows = order.astype(np.int64)
         m.version = int(arrays["version"])
         m.clock = float(arrays["clock"])
-        for e in arrays.get("dedup_ids", np.array([], dtype=np.str_)).tolist():
-            m._remember(str(e))
+        m._seen.admit([str(e) for e in arrays.get("dedup_ids", np.array([], dtype=np.str_))])
         return m
 
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from bandit.clusters import OnlineKMeans
 from bandit.context import context_for, user_slots, user_tower
 from bandit.diag_linucb import DiagLinUCB
+from featurestore.distinct import distinct_examples, take_examples
 from featurestore.events import AnyLabeledEvent
 from featurestore.featurize import Featurizer, SparseBatch, bandit_keys
 from featurestore.labeled_batch import LabeledBatch
@@ -78,31 +79,50 @@ class ExplorationHook:
             metrics=metrics,
         )
 
-    def user_vectors(self, learner: OnlineLearner,
-                     batch: LabeledBatch | list[AnyLabeledEvent]) -> np.ndarray:
-        """The user tower of each event from the current tables (zeros where no row)."""
+    def distinct_user_vectors(self, learner: OnlineLearner,
+                              batch: LabeledBatch | list[AnyLabeledEvent]
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """``(vectors, inverse)``: the user tower of each distinct user of the batch from the
+        current tables (zeros where no row), and per event the index of its user's vector.
+
+        Users are distinct by their user-side IDs (``featurestore.distinct``): the tower
+        depends on nothing else, and a batch repeats them (one request shows several items,
+        a session yields several events), so the tower, the clustering and the contexts run
+        once per user, not once per event.
+        """
         batch = _as_batch(batch, learner)
         users = SparseBatch(batch.sparse.size, {
             s.name: batch.sparse.slots[s.name] for s in self.config.slots
             if s.side is SlotSide.USER})
+        first, inverse = distinct_examples(users)
 
         def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
             table = learner.tables[slot]
             return table.gather(table.find(ids))
 
-        return user_tower(self.config, users, lookup)
+        return user_tower(self.config, take_examples(users, first), lookup), inverse
 
-    def contexts(self, batch: LabeledBatch | list[AnyLabeledEvent], vectors: np.ndarray
+    def user_vectors(self, learner: OnlineLearner,
+                     batch: LabeledBatch | list[AnyLabeledEvent]) -> np.ndarray:
+        """The user tower of each event from the current tables (zeros where no row)."""
+        vectors, inverse = self.distinct_user_vectors(learner, batch)
+        return vectors[inverse]
+
+    def contexts(self, batch: LabeledBatch | list[AnyLabeledEvent], vectors: np.ndarray,
+                 inverse: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(mask, clusters, weights)``: the context of each event (logged, else computed).
 
-        Contexts of different K are padded with zero weights, which add nothing to ``d`` or
-        ``b``. ``mask`` is False where no context exists yet (no clusters before the first
-        embeddings arrive).
+        ``vectors``: the user towers, one per event, or one per distinct user with
+        ``inverse`` mapping each event to its row. Contexts of different K are padded with zero
+        weights, which add nothing to ``d`` or ``b``. ``mask`` is False where no context exists
+        yet (no clusters before the first embeddings arrive).
         """
         if not isinstance(batch, LabeledBatch):
             batch = LabeledBatch.of_events(batch, Featurizer(self.config))
         n = len(batch)
+        if inverse is None:
+            inverse = np.arange(n)
         logged = batch.contexts
         k = self.top_k
         width = max(k, logged.clusters.shape[1] if logged is not None else 0)
@@ -125,10 +145,11 @@ class ExplorationHook:
                 weights[i, :m] = logged.weights[i, keep]
                 mask[i] = True
         if len(need) and self.clusters.n_initialized:
-            cl, w = context_for(vectors[need], self.clusters.centroids, k,
+            users, at = np.unique(inverse[need], return_inverse=True)
+            cl, w = context_for(vectors[users], self.clusters.centroids, k,
                                 counts=self.clusters.counts)
-            clusters[need, : cl.shape[1]] = cl
-            weights[need, : w.shape[1]] = w
+            clusters[need, : cl.shape[1]] = cl[at]
+            weights[need, : w.shape[1]] = w[at]
             mask[need] = True
         return mask, clusters, weights
 
@@ -136,23 +157,28 @@ class ExplorationHook:
                  learner: OnlineLearner) -> None:
         """Refine the clusters with this batch's users, then add the rewards."""
         batch = _as_batch(batch, learner)
-        vectors = self.user_vectors(learner, batch)
+        vectors, inverse = self.distinct_user_vectors(learner, batch)
         known = np.any(vectors != 0, axis=1)
         if known.any():
             ts = float(self._times(batch.ts).max())  # the clock caps a skewed event
-            before = (self.clusters.predict(vectors[known])
+            points = vectors[known]
+            # Each distinct user weighs as many events as it has in the batch: the clusters
+            # learn exactly what they would from one tower per event.
+            events = np.bincount(inverse, minlength=len(vectors))[known]
+            before = (self.clusters.predict(points)
                       if self.clusters.n_initialized == self.clusters.n_clusters else None)
             reseeded = self.clusters.reseeded
-            self.clusters.partial_fit(vectors[known], ts=ts)
+            self.clusters.partial_fit(points, ts=ts, weights=events)
             if before is not None:
-                moved = int((self.clusters.predict(vectors[known]) != before).sum())
-                self.assigned += len(before)
+                moved = int(events[self.clusters.predict(points) != before].sum())
+                assigned = int(events.sum())
+                self.assigned += assigned
                 self.reassigned += moved
                 if self.metrics is not None:
-                    self.metrics.cluster_assigned.inc(len(before))
+                    self.metrics.cluster_assigned.inc(assigned)
                     self.metrics.cluster_reassigned.inc(moved)
                     self.metrics.cluster_reseeded.inc(self.clusters.reseeded - reseeded)
-        mask, clusters, weights = self.contexts(batch, vectors)
+        mask, clusters, weights = self.contexts(batch, vectors, inverse)
         if not mask.any():
             return
         event_ids = batch.event_ids()

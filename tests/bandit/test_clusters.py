@@ -167,10 +167,11 @@ def test_compiled_contexts_equal_the_numpy_definition() -> None:
 
 
 def test_seeding_draws_the_centres_of_k_means_plus_plus_by_its_definition() -> None:
-    """The seeds are those of k-means++ as written: each next seed drawn with probability
-    proportional to the squared distance to its nearest existing centre, recomputed against
-    every centre (the implementation keeps that distance up to date instead). Batches repeat
-    few distinct points, so seeding stays incomplete over several batches, as with cold users."""
+    """The seeds are those of k-means++ as written over the expanded points: each next seed
+    drawn with probability proportional to multiplicity times the squared distance to its
+    nearest existing centre, recomputed against every centre (the implementation keeps that
+    distance up to date instead), each seed using up one copy of its point. Batches repeat few
+    distinct points, so seeding stays incomplete over several batches, as with cold users."""
     rng = np.random.default_rng(7)
     k, dim = 12, 5
     base = rng.normal(size=(9, dim)).round(1)
@@ -179,26 +180,53 @@ def test_seeding_draws_the_centres_of_k_means_plus_plus_by_its_definition() -> N
     ref: list[np.ndarray] = []
     seen: list[np.ndarray] = []
     for batch in range(6):
-        X = base[rng.integers(3 + batch, size=40)]
+        X = base[rng.permutation(3 + batch)]
+        w = rng.integers(1, 4, size=len(X)).astype(np.float64)
         seen.append(X)
-        rest = km._seed_centers(X)
-        used = np.zeros(len(X), dtype=bool)
+        rest, rest_w = km._seed_centers(X, w)
+        left = w.copy()
         while len(ref) < k:
             if not ref:
-                i = int(ref_rng.integers(len(X)))
+                p = left.copy()
             else:
                 c = np.array(ref)
-                d2 = ((X[:, None, :] - c[None, :, :]) ** 2).sum(-1).min(1)
-                d2[used] = 0.0
-                if d2.sum() <= 1e-12:
-                    break
-                i = int(ref_rng.choice(len(X), p=d2 / d2.sum()))
-            ref.append(X[i].copy())
-            used[i] = True
-            if used.all():
+                p = ((X[:, None, :] - c[None, :, :]) ** 2).sum(-1).min(1) * left
+            if p.sum() <= 1e-12:
                 break
+            i = int(ref_rng.choice(len(X), p=p / p.sum()))
+            ref.append(X[i].copy())
+            left[i] -= 1
         assert km.n_initialized == len(ref)
         assert np.array_equal(km._centers[: len(ref)], np.array(ref))
-        assert np.array_equal(rest, X[~used])
+        assert np.array_equal(rest, X[left > 0]) and np.array_equal(rest_w, left[left > 0])
     # Fewer distinct points than clusters: each became a centre, and no other centre exists.
     assert km.n_initialized == len(np.unique(np.concatenate(seen), axis=0)) < k
+
+
+def test_a_weighted_point_moves_the_centres_as_its_copies_would() -> None:
+    """Once every centre exists, absorbing distinct points with multiplicities is absorbing
+    every copy: the same centres and counts (up to summation order)."""
+    rng = np.random.default_rng(11)
+    X, _, _ = _blobs(rng, 200, 4, 3)
+    weighted, copies = OnlineKMeans(4, 3, seed=1), OnlineKMeans(4, 3, seed=1)
+    weighted.partial_fit(X)
+    copies.partial_fit(X)
+    points = X[rng.integers(len(X), size=30)] + 0.5
+    mult = rng.integers(1, 6, size=len(points))
+    weighted.partial_fit(points, weights=mult)
+    copies.partial_fit(np.repeat(points, mult, axis=0))
+    np.testing.assert_allclose(weighted._centers, copies._centers, rtol=1e-12)
+    np.testing.assert_allclose(weighted._counts, copies._counts, rtol=1e-12)
+
+
+def test_weights_must_be_finite_and_positive() -> None:
+    km = OnlineKMeans(2, 2)
+    X = np.ones((2, 2), dtype=np.float32)
+    for bad in ([1.0, 0.0], [1.0, np.nan], [-1.0, 1.0]):
+        try:
+            km.partial_fit(X, weights=np.array(bad))
+        except ValueError as exc:
+            assert "weights" in str(exc)
+        else:
+            raise AssertionError(f"weights {bad} accepted")
+    assert km.n_initialized == 0

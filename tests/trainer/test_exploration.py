@@ -116,3 +116,30 @@ def test_service_and_trainer_compute_the_same_context_for_warm_cold_and_unknown_
     fallback = np.argsort(-hook.clusters.counts, kind="stable")[:2]
     cold_ctx = train_cl[1].tolist()
     assert cold_ctx != fallback.tolist() or train_w[1, 0] != 0.5
+
+
+def test_one_tower_per_distinct_user_learns_what_one_per_event_does(monkeypatch) -> None:
+    """The hook computes the tower, the clustering and the contexts once per distinct user of a
+    batch, each user weighing its events: the clusters, the churn counts and the statistics
+    are those of one tower per event."""
+    import copy
+
+    import trainer.exploration as exploration
+
+    hook, learner = _setup()
+    events = _events(400)  # 40 users: each appears several times per batch
+    _train(learner, events)
+    hook.on_batch(events[:200], learner)  # every centre seeded
+    assert hook.clusters.n_initialized == 4
+    per_event = copy.deepcopy(hook)
+    hook.on_batch(events[200:], learner)
+    monkeypatch.setattr(exploration, "distinct_examples",
+                        lambda batch: (np.arange(batch.size), np.arange(batch.size)))
+    per_event.on_batch(events[200:], learner)
+    np.testing.assert_allclose(hook.clusters._centers, per_event.clusters._centers, rtol=1e-9)
+    np.testing.assert_allclose(hook.clusters._counts, per_event.clusters._counts, rtol=1e-12)
+    assert (hook.assigned, hook.reassigned) == (per_event.assigned, per_event.reassigned)
+    assert hook.assigned > 0
+    ours, theirs = hook.bandit.to_arrays(), per_event.bandit.to_arrays()
+    for key in ("item_ids", "d", "b"):
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-9)
