@@ -206,7 +206,8 @@ class OnlineKMeans:
             raise ValueError("no centres yet: call partial_fit with non-zero points first")
         X = np.asarray(X, dtype=np.float64).reshape(-1, self.dim)
         c = self._centers[: self._n_init]
-        d2 = (X * X).sum(1)[:, None] - 2.0 * X @ c.T + (c * c).sum(1)[None, :]
+        # |x - c|^2 without |x|^2, which is the same for every centre of a row.
+        d2 = (c * c).sum(1)[None, :] - 2.0 * X @ c.T
         return d2.argmin(1).astype(np.int64)
 
     def to_arrays(self) -> dict[str, np.ndarray]:

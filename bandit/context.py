@@ -55,9 +55,11 @@ def user_tower(config: ModelConfig, batch: SparseBatch,
 
 
 @njit(cache=True)
-def _top_k_contexts(U: np.ndarray, C: np.ndarray, k: int, temperature: float,
-                    fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel of :func:`context_for` (float64 inputs, ``temperature <= 0`` = per user)."""
+def _top_k_contexts(U: np.ndarray, C: np.ndarray, dots: np.ndarray, k: int,
+                    temperature: float, fallback: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel of :func:`context_for` (float64 inputs, ``dots = U @ C.T`` from BLAS,
+    ``temperature <= 0`` = per user)."""
     n, dim = U.shape
     m = C.shape[0]
     cc = np.empty(m)
@@ -86,10 +88,7 @@ def _top_k_contexts(U: np.ndarray, C: np.ndarray, k: int, temperature: float,
         # The k nearest, nearest first (ties: lower cluster index first), by insertion.
         filled = 0
         for j in range(m):
-            dot = 0.0
-            for t in range(dim):
-                dot += U[i, t] * C[j, t]
-            d2 = max(uu - 2.0 * dot + cc[j], 0.0)
+            d2 = max(uu - 2.0 * dots[i, j] + cc[j], 0.0)
             if filled == k and d2 >= dk[k - 1]:
                 continue
             q = filled if filled < k else k - 1
@@ -153,4 +152,7 @@ def context_for(
         fallback = np.argsort(-np.asarray(counts), kind="stable")[:k].astype(np.int64)
     else:
         fallback = np.arange(k, dtype=np.int64)
-    return _top_k_contexts(U, C, k, float(temperature) if temperature else 0.0, fallback)
+    # The user-centroid dot products are one matrix product (BLAS), the rest one pass per user.
+    dots = np.nan_to_num(U) @ C.T
+    return _top_k_contexts(U, C, dots, k, float(temperature) if temperature else 0.0,
+                           fallback)

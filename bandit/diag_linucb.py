@@ -93,6 +93,48 @@ def _score_ids(sorted_ids: np.ndarray, sorted_rows: np.ndarray, d: np.ndarray, b
     return mean, bonus
 
 
+@njit(cache=True)
+def _accumulate(d: np.ndarray, b: np.ndarray, t_row: np.ndarray, rv: np.ndarray,
+                rows: np.ndarray, cl: np.ndarray, w: np.ndarray, r: np.ndarray, t: np.ndarray,
+                half_life: float, lam: float, version: int) -> None:
+    """Add events to their rows' statistics, in place (the core of :meth:`DiagLinUCB.update`).
+
+    Each touched row is first aged to the newest time among its own and its events' (with a
+    half-life), and stamped with ``version``; then every event adds ``f·w²`` to ``d`` and
+    ``f·w·r`` to ``b`` at its clusters, ``f`` discounting an event older than its row's new
+    time. Events add in their order, one cluster after the other.
+    """
+    n, k = cl.shape
+    order = np.argsort(rows, kind="mergesort")
+    newest = np.empty(n)  # per event: its row's time after this update
+    i = 0
+    while i < n:
+        row = rows[order[i]]
+        j = i
+        to = t_row[row]
+        while j < n and rows[order[j]] == row:
+            to = max(to, t[order[j]])
+            j += 1
+        if half_life > 0:
+            dt = to - t_row[row]
+            f = np.exp2(-max(dt, 0.0) / half_life) if np.isfinite(dt) else 0.0
+            for c in range(d.shape[1]):
+                d[row, c] = lam + (d[row, c] - lam) * f
+                b[row, c] *= f
+        t_row[row] = to
+        rv[row] = version
+        for q in range(i, j):
+            newest[order[q]] = to
+        i = j
+    for e in range(n):
+        row = rows[e]
+        f = np.exp2(-(newest[e] - t[e]) / half_life) if half_life > 0 else 1.0
+        for q in range(k):
+            c = cl[e, q]
+            d[row, c] += f * w[e, q] * w[e, q]
+            b[row, c] += f * w[e, q] * r[e]
+
+
 class DiagLinUCB:
     """Per-item, per-cluster Diag-LinUCB statistics with decay, merge, dedup and versioned deltas.
 
@@ -132,10 +174,12 @@ class DiagLinUCB:
     # ------------------------------------------------------------------ storage
     def _alloc(self, cap: int) -> None:
         C = self.n_clusters
+        # Rows past ``_n`` are set when they come into use (:meth:`_rows_for`): filling the
+        # whole capacity at every doubling wrote memory no row used yet.
         self._row_ids = np.zeros(cap, dtype=np.int64)
-        self._d = np.full((cap, C), self.lam, dtype=np.float64)
+        self._d = np.empty((cap, C), dtype=np.float64)
         self._b = np.zeros((cap, C), dtype=np.float64)
-        self._t = np.full(cap, _NO_TIME, dtype=np.float64)
+        self._t = np.empty(cap, dtype=np.float64)
         self._rv = np.zeros(cap, dtype=np.int64)
 
     def _grow(self, need: int) -> None:
@@ -168,6 +212,10 @@ class DiagLinUCB:
         self._grow(start + len(new))
         new_rows = np.arange(start, start + len(new), dtype=np.int64)
         self._row_ids[new_rows] = new
+        self._d[new_rows] = self.lam
+        self._b[new_rows] = 0.0
+        self._t[new_rows] = _NO_TIME
+        self._rv[new_rows] = 0
         self._n += len(new)
         # np.insert into the sorted index is O(n) per batch with new items, not O(n log n).
         ins = np.searchsorted(self._sorted_ids, new)
@@ -231,21 +279,10 @@ class DiagLinUCB:
             return 0
 
         rows = self._rows_for(ids)
-        u, inv = np.unique(rows, return_inverse=True)
-        tmax = np.full(len(u), _NO_TIME)
-        np.maximum.at(tmax, inv, t)
-        tnew = np.maximum(self._t[u], tmax)
-        self._age(u, tnew)
-        if self.half_life_s > 0:  # events older than their item's time enter already aged
-            f = np.exp2(-(tnew[inv] - t) / self.half_life_s)[:, None]
-        else:
-            f = np.ones((n, 1))
-        flat = (rows[:, None] * self.n_clusters + cl).ravel()
-        np.add.at(self._d.reshape(-1), flat, (f * w * w).ravel())
-        np.add.at(self._b.reshape(-1), flat, (f * w * r[:, None]).ravel())
-
         self.version += 1
-        self._rv[u] = self.version
+        _accumulate(self._d, self._b, self._t, self._rv, rows, np.ascontiguousarray(cl),
+                    np.ascontiguousarray(w), np.ascontiguousarray(r), np.ascontiguousarray(t),
+                    self.half_life_s, self.lam, self.version)
         self.clock = max(self.clock, float(t.max()))
         return n
 

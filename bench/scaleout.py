@@ -74,11 +74,14 @@ def _timed_steps(trainer: Any, method: str, marks: dict[str, float]) -> None:
 
 
 def one_rank(settings: Settings, total: int, out: str) -> None:
-    """The single-process trainer, as shipped (no publisher), until ``total`` events."""
+    """The single-process trainer, as shipped (its exploration hook; no publisher, as the
+    ranks have none here), until ``total`` events."""
     from freshrec.runtime import tune_gc
     from trainer.loop import Trainer
+    from trainer.main import exploration_hooks
 
-    trainer = Trainer(settings, load_model_config(settings.model_config_path))
+    config = load_model_config(settings.model_config_path)
+    trainer = Trainer(settings, config, hooks=exploration_hooks(settings, config))
     tune_gc()
     marks: dict[str, float] = {}
     # The pipelined loop calls the halves of ``learn``: a batch begins on the training

@@ -33,7 +33,7 @@ from bandit.diag_linucb import DiagLinUCB
 from featurestore.distinct import distinct_examples, take_examples
 from featurestore.events import AnyLabeledEvent
 from featurestore.featurize import Featurizer, SparseBatch, bandit_keys
-from featurestore.labeled_batch import LabeledBatch
+from featurestore.labeled_batch import BatchContexts, LabeledBatch
 from featurestore.schema import ModelConfig, SlotKind, SlotSide
 from freshrec.eventclock import EventClock
 from freshrec.metrics import TrainerMetrics
@@ -42,6 +42,26 @@ from trainer.checkpoint import load_arrays, save_arrays
 from trainer.learner import OnlineLearner
 
 log = logging.getLogger("freshrec.trainer")
+
+
+@dataclass
+class Share:
+    """What the exploration update needs of one batch (or of one rank's part of a step):
+    small, and picklable for the ranks' exchange (``trainer.rank_exploration``)."""
+
+    vectors: np.ndarray  # float32 (users, width): the tower of each distinct user
+    inverse: np.ndarray  # int (events,): each event's user row
+    logged: BatchContexts | None  # the contexts logged with the events
+    items: np.ndarray  # int64 (events,): the statistics' key of each event's item
+    labels: np.ndarray  # float64 (events,)
+    ts: np.ndarray  # float64 (events,), capped at the event clock
+    event_ids: list[str]
+
+    def events_per_user(self) -> np.ndarray:
+        return np.bincount(self.inverse, minlength=len(self.vectors))
+
+    def newest(self) -> float | None:
+        return float(self.ts.max()) if len(self.ts) else None
 
 
 @dataclass
@@ -95,12 +115,8 @@ class ExplorationHook:
             s.name: batch.sparse.slots[s.name] for s in self.config.slots
             if s.side is SlotSide.USER})
         first, inverse = distinct_examples(users)
-
-        def lookup(slot: str, ids: np.ndarray) -> np.ndarray:
-            table = learner.tables[slot]
-            return table.gather(table.find(ids))
-
-        return user_tower(self.config, take_examples(users, first), lookup), inverse
+        return (user_tower(self.config, take_examples(users, first), learner.row_vectors),
+                inverse)
 
     def user_vectors(self, learner: OnlineLearner,
                      batch: LabeledBatch | list[AnyLabeledEvent]) -> np.ndarray:
@@ -121,9 +137,12 @@ class ExplorationHook:
         if not isinstance(batch, LabeledBatch):
             batch = LabeledBatch.of_events(batch, Featurizer(self.config))
         n = len(batch)
-        if inverse is None:
-            inverse = np.arange(n)
-        logged = batch.contexts
+        return self._contexts(batch.contexts, n, vectors,
+                              np.arange(n) if inverse is None else inverse)
+
+    def _contexts(self, logged: BatchContexts | None, n: int, vectors: np.ndarray,
+                  inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`contexts` of ``n`` events from their logged contexts and user towers."""
         k = self.top_k
         width = max(k, logged.clusters.shape[1] if logged is not None else 0)
         clusters = np.zeros((n, width), dtype=np.int64)
@@ -156,36 +175,60 @@ class ExplorationHook:
     def on_batch(self, batch: LabeledBatch | list[AnyLabeledEvent],
                  learner: OnlineLearner) -> None:
         """Refine the clusters with this batch's users, then add the rewards."""
+        share = self.share(batch, learner)
+        self.refine(share.vectors, share.events_per_user(), share.newest())
+        self.reward(share)
+
+    def share(self, batch: LabeledBatch | list[AnyLabeledEvent],
+              learner: OnlineLearner) -> Share:
+        """What the clusters and the statistics need of a batch, without the batch."""
         batch = _as_batch(batch, learner)
         vectors, inverse = self.distinct_user_vectors(learner, batch)
+        return Share(vectors, inverse, batch.contexts, self._item_keys(batch),
+                     np.asarray(batch.labels, dtype=np.float64),
+                     self._times(batch.ts),  # the clock caps a skewed event
+                     batch.event_ids())
+
+    def refine(self, vectors: np.ndarray, events: np.ndarray, ts: float | None,
+               counted: np.ndarray | None = None) -> None:
+        """Move the clusters towards the users ``vectors`` (each weighing its ``events``) at
+        event time ``ts``; churn is counted over the ``counted`` rows (default: all)."""
         known = np.any(vectors != 0, axis=1)
-        if known.any():
-            ts = float(self._times(batch.ts).max())  # the clock caps a skewed event
-            points = vectors[known]
-            # Each distinct user weighs as many events as it has in the batch: the clusters
-            # learn exactly what they would from one tower per event.
-            events = np.bincount(inverse, minlength=len(vectors))[known]
-            before = (self.clusters.predict(points)
-                      if self.clusters.n_initialized == self.clusters.n_clusters else None)
-            reseeded = self.clusters.reseeded
-            self.clusters.partial_fit(points, ts=ts, weights=events)
-            if before is not None:
-                moved = int(events[self.clusters.predict(points) != before].sum())
-                assigned = int(events.sum())
-                self.assigned += assigned
-                self.reassigned += moved
-                if self.metrics is not None:
-                    self.metrics.cluster_assigned.inc(assigned)
-                    self.metrics.cluster_reassigned.inc(moved)
-                    self.metrics.cluster_reseeded.inc(self.clusters.reseeded - reseeded)
-        mask, clusters, weights = self.contexts(batch, vectors, inverse)
+        if not known.any():
+            return
+        points = vectors[known]
+        # Each distinct user weighs as many events as it has in the batch: the clusters
+        # learn exactly what they would from one tower per event.
+        events = np.asarray(events)[known]
+        before = (self.clusters.predict(points)
+                  if self.clusters.n_initialized == self.clusters.n_clusters else None)
+        reseeded = self.clusters.reseeded
+        self.clusters.partial_fit(points, ts=ts, weights=events)
+        if before is None:
+            return
+        if counted is not None:
+            events = np.where(np.asarray(counted)[known], events, 0)
+        moved = int(events[self.clusters.predict(points) != before].sum())
+        assigned = int(events.sum())
+        self.assigned += assigned
+        self.reassigned += moved
+        if self.metrics is not None:
+            self.metrics.cluster_assigned.inc(assigned)
+            self.metrics.cluster_reassigned.inc(moved)
+            self.metrics.cluster_reseeded.inc(self.clusters.reseeded - reseeded)
+
+    def reward(self, share: Share, keep: np.ndarray | None = None) -> None:
+        """Add the rewards of ``share``'s events (those in ``keep``) under their contexts."""
+        mask, clusters, weights = self._contexts(share.logged, len(share.items), share.vectors,
+                                                 share.inverse)
+        if keep is not None:
+            mask &= keep
         if not mask.any():
             return
-        event_ids = batch.event_ids()
         self.bandit.update(
-            self._item_keys(batch)[mask], clusters[mask], weights[mask],
-            batch.labels[mask], self._times(batch.ts[mask]),
-            event_ids=[event_ids[i] for i in np.flatnonzero(mask).tolist()],
+            share.items[mask], clusters[mask], weights[mask], share.labels[mask],
+            share.ts[mask],
+            event_ids=[share.event_ids[i] for i in np.flatnonzero(mask).tolist()],
         )
 
     def _item_keys(self, batch: LabeledBatch) -> np.ndarray:

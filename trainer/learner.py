@@ -167,6 +167,12 @@ class OnlineLearner:
                 rows[name] = table.find(slot.ids)
         return rows
 
+    def row_vectors(self, slot: str, ids: np.ndarray) -> np.ndarray:
+        """float32 ``(len(ids), dim)``: the current embedding of each ID of ``slot`` (zeros
+        for IDs without a row), as the exploration hook's user tower reads them."""
+        table = self.tables[slot]
+        return table.gather(table.find(ids))
+
     def pooled(self, batch: SparseBatch) -> np.ndarray:
         """The model input ``(batch, sum of dims)`` from the current tables (read-only)."""
         ws = _WorkingSet(self, batch, self._rows(batch, np.zeros(batch.size), train=False))

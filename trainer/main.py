@@ -24,13 +24,14 @@ def build_trainer(settings: Settings, metrics: TrainerMetrics | None = None) -> 
     """A trainer with its exploration hook and publisher wired, restored from its checkpoint."""
     config = load_model_config(settings.model_config_path)
     metrics = metrics or TrainerMetrics()
-    trainer = Trainer(settings, config, metrics, hooks=_hooks(settings, config, metrics))
+    trainer = Trainer(settings, config, metrics, hooks=exploration_hooks(settings, config, metrics))
     trainer.restore()
     trainer.publisher = _publisher(settings, trainer, metrics)
     return trainer
 
 
-def _hooks(settings: Settings, config, metrics: TrainerMetrics):
+def exploration_hooks(settings: Settings, config, metrics: TrainerMetrics | None = None):
+    """The single process's exploration hook (none if the bandit package is not installed)."""
     try:
         from trainer.exploration import ExplorationHook
     except ImportError:

@@ -34,8 +34,11 @@ Publishing (when ``snapshot_buckets`` > 0, which ``freshrec trainer`` requires o
 rank writes the snapshot chains of the buckets it owns, rank 0 the head chain (dense weights,
 meta) too, between steps like the single process (``trainer.publisher.snapshot_store``).
 
-Not in ranks yet: exploration statistics, and the per-event isolation of a failing batch (a
-failure stops the rank, and so all of them).
+Exploration (:mod:`trainer.rank_exploration`): the clusters are identical on every rank, and
+the Diag-LinUCB statistics of an item live with the owner of its bucket, like its rows.
+
+Not in ranks yet: the per-event isolation of a failing batch (a failure stops the rank, and so
+all of them).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from featurestore.wire_scan import warm_up as warm_up_scanner
 from freshrec.kafka import assign_from
 from freshrec.metrics import TrainerMetrics
 from freshrec.settings import Settings
-from trainer.loop import Trainer
+from trainer.loop import BatchHook, Trainer
 from trainer.sharded import DEFAULT_RANK_BUCKETS, Ranks, ShardedLearner
 
 log = logging.getLogger("freshrec.trainer")
@@ -128,7 +131,8 @@ class RankedTrainer(Trainer):
     """One rank of the trainer: its partitions, its buckets, the shared dense model."""
 
     def __init__(self, settings: Settings, config: ModelConfig, ranks: Ranks,
-                 metrics: TrainerMetrics | None = None) -> None:
+                 metrics: TrainerMetrics | None = None,
+                 hooks: list[BatchHook] | None = None) -> None:
         audit = settings.trainer_audit_log
         settings = settings.model_copy(update={
             "trainer_checkpoint_dir": settings.trainer_checkpoint_dir / f"rank-{ranks.rank}",
@@ -136,7 +140,7 @@ class RankedTrainer(Trainer):
             else audit.with_name(f"{audit.name}.rank-{ranks.rank}")})
         learner = ShardedLearner(config, ranks, seed=settings.trainer_seed,
                                  micro_batch=settings.trainer_micro_batch)
-        super().__init__(settings, config, metrics, hooks=[], learner=learner)
+        super().__init__(settings, config, metrics, hooks=hooks, learner=learner)
         self.ranks = ranks
         self.steps = 0
         self.empty_steps = 0
@@ -228,9 +232,12 @@ class RankedTrainer(Trainer):
         if batch is not None and len(batch):
             self.learn(batch)
         else:
+            # An idle rank joins every collective of the step: the learner's, the hooks'.
             self.empty_steps += 1
-            self.learner.step_batch(self.learner.featurizer.featurize_events([]),
-                                    np.zeros(0), np.zeros(0))
+            empty = LabeledBatch.of_events([], self.learner.featurizer)
+            self.learner.step_batch(empty.sparse, empty.labels, empty.ts)
+            for hook in self.hooks:
+                hook.on_batch(empty, self.learner)
         self.steps += 1
         self._dlq.poll(0)
         if messages:
@@ -288,13 +295,26 @@ class RankedTrainer(Trainer):
         self._release()
 
 
+def rank_hooks(settings: Settings, config: ModelConfig, ranks: Ranks,
+               metrics: TrainerMetrics | None = None) -> list[BatchHook]:
+    """The rank's exploration hook (:mod:`trainer.rank_exploration`), as one process has its
+    own (:func:`trainer.main.build_trainer`)."""
+    from trainer.rank_exploration import RankExploration
+
+    hook = RankExploration.from_settings(settings, config, metrics)
+    hook.ranks = ranks
+    return [hook]
+
+
 def build_ranked_trainer(settings: Settings, ranks: Ranks,
                          metrics: TrainerMetrics | None = None) -> RankedTrainer:
     """Join the process group, then a rank restored from its own checkpoint, publishing its
     buckets when the snapshot layout is bucketed."""
     join_process_group(ranks, settings.trainer_collective_timeout_s)
-    trainer = RankedTrainer(settings, load_model_config(settings.model_config_path), ranks,
-                            metrics)
+    config = load_model_config(settings.model_config_path)
+    metrics = metrics or TrainerMetrics()
+    trainer = RankedTrainer(settings, config, ranks, metrics,
+                            hooks=rank_hooks(settings, config, ranks, metrics))
     trainer.restore()
     if settings.snapshot_buckets:
         from trainer.publisher import make_publisher

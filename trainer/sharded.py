@@ -127,6 +127,8 @@ class ShardedLearner(OnlineLearner):
         self.step_counts = np.zeros(ranks.world, dtype=np.int64)
         self.sent = ExchangeBytes()
         self._slice_weight: list[float] = []
+        # Per slot, the distinct IDs of this rank's last step and their rows as it learned them.
+        self._step_rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     # --- one step ------------------------------------------------------------------------
 
@@ -149,8 +151,25 @@ class ShardedLearner(OnlineLearner):
             self._share(i) for i in range(n_slices)]
         probs = self._learn(ws, y, offset, n_slices)
         ws.write_back()
+        self._step_rows = {name: (request.uniq[s], fetched[name].end[0])
+                           for s, name in enumerate(self.slot_names)}
         self._push(request, fetched)
         return StepResult(probs, np.asarray(labels), rows, batch)
+
+    def row_vectors(self, slot: str, ids: np.ndarray) -> np.ndarray:
+        """The rows of ``ids`` as this rank learned them in its last step (zeros for IDs
+        without a row, or not in that step): the table holds only the owned buckets, and the
+        exploration hook asks for the rows of the step's own users. A row another rank used
+        in the same step differs from its owner's sum of both changes."""
+        uniq, emb = self._step_rows.get(slot, (np.empty(0, np.int64), None))
+        dim = self.tables[slot].config.dim
+        out = np.zeros((len(ids), dim), dtype=np.float32)
+        if emb is None or not len(uniq):
+            return out
+        pos = np.minimum(np.searchsorted(uniq, ids), len(uniq) - 1)
+        found = uniq[pos] == ids
+        out[found] = emb[pos[found]]
+        return out
 
     def _share(self, i: int) -> float:
         """This rank's share of slice ``i``'s examples over all ranks (its gradient weight)."""

@@ -127,6 +127,7 @@ def test_two_ranks_learn_what_one_process_learns(settings: Settings, tmp_path: P
         d = distance(one, states)
         assert d.dense_identical_across_ranks
         assert d.same_ids
+        _check_exploration(ranks_settings.trainer_checkpoint_dir, events)
         return states, d
 
     # One retry on fresh ranks: which events the two ranks learn side by side in a step
@@ -150,6 +151,37 @@ def test_two_ranks_learn_what_one_process_learns(settings: Settings, tmp_path: P
         for r, part in enumerate(parts):
             assert (Ranks(r, WORLD, DEFAULT_RANK_BUCKETS).owner_of(part) == r).all(), slot
         assert sorted(np.concatenate(parts).tolist()) == sorted(ids.tolist()), slot
+
+
+def _check_exploration(checkpoint_dir: Path, events: list[dict]) -> None:
+    """The ranks' exploration state (``trainer.rank_exploration``): the clusters are
+    bit-identical on every rank, each rank holds the statistics of the items it owns only,
+    and every event applied was applied once, by one owner, with its whole reward: with the
+    context weights summing to 1, the statistics' ``b`` add up to the clicks among them."""
+    from bandit.clusters import OnlineKMeans
+    from bandit.diag_linucb import DiagLinUCB
+    from trainer.checkpoint import Checkpointer
+
+    hooks = [Checkpointer(checkpoint_dir / f"rank-{r}").latest().path / "hook-0"
+             for r in range(WORLD)]
+    clusters = [load_arrays(h / "clusters") for h in hooks]
+    assert OnlineKMeans.from_arrays(clusters[0]).n_initialized > 0
+    for other in clusters[1:]:
+        assert all(np.array_equal(clusters[0][k], other[k]) for k in ("centers", "counts"))
+    applied: list[set[str]] = []
+    clicks = {e["event_id"]: e["label"] for e in events}
+    for r, h in enumerate(hooks):
+        arrays = load_arrays(h / "bandit")
+        bandit = DiagLinUCB.from_arrays(arrays)
+        ids = arrays["item_ids"]
+        assert len(ids) and (Ranks(r, WORLD, DEFAULT_RANK_BUCKETS).owner_of(ids) == r).all()
+        applied.append({str(e) for e in arrays["dedup_ids"]})
+        assert len(bandit) == len(ids)
+    assert not applied[0] & applied[1]  # one owner per event
+    every = applied[0] | applied[1]
+    assert len(every) >= 0.9 * len(events)  # all but the first steps' (no clusters yet)
+    total_b = sum(float(load_arrays(h / "bandit")["b"].sum()) for h in hooks)
+    assert total_b == pytest.approx(sum(clicks[e] for e in every), rel=1e-9)
 
 
 def test_an_idle_partition_does_not_stall_the_other_rank(settings: Settings,

@@ -82,3 +82,36 @@ def test_ranks_restore_the_newest_round_every_rank_holds() -> None:
         global_round([{4, 5}, set()], [5, -1])
     with pytest.raises(RuntimeError, match="world size"):  # rounds of another world size
         global_round([set(), set()], [7, 7])
+
+
+def test_one_rank_explores_as_one_process(group_of_one) -> None:
+    """The rank's exploration hook (towers from the rows the rank learned, the exchange of
+    shares, statistics kept by the item's owner) with one rank: the clusters and statistics of
+    the single process's hook on the same steps, up to the float rounding of the exchange."""
+    from featurestore.labeled_batch import LabeledBatch
+    from freshrec.settings import Settings
+    from trainer.exploration import ExplorationHook
+    from trainer.ranks import rank_hooks
+
+    config = load_model_config(default_model_config_path())
+    settings = Settings(bandit_clusters=6)
+    events = [parse_labeled_event(orjson.dumps(e)) for e in
+              SyntheticStream(SyntheticConfig(seed=23, n_users=300, n_items=200)).events(1500)]
+    single, ranked = OnlineLearner(config), ShardedLearner(config, Ranks(0, 1, 64))
+    one = ExplorationHook.from_settings(settings, config)
+    (rank,) = rank_hooks(settings, config, Ranks(0, 1, 64))
+    for lo in range(0, len(events), 300):
+        batch = LabeledBatch.of_events(events[lo:lo + 300], single.featurizer)
+        single.step_batch(batch.sparse, batch.labels, batch.ts)
+        one.on_batch(batch, single)
+        ranked.step_counts = np.array([len(batch)])
+        ranked.step_batch(batch.sparse, batch.labels, batch.ts)
+        rank.on_batch(batch, ranked)
+    assert rank.clusters.n_initialized == one.clusters.n_initialized == 6
+    np.testing.assert_allclose(rank.clusters.centroids, one.clusters.centroids, atol=1e-5)
+    np.testing.assert_allclose(rank.clusters.counts, one.clusters.counts)
+    ours, theirs = rank.bandit.to_arrays(), one.bandit.to_arrays()
+    assert np.array_equal(ours["item_ids"], theirs["item_ids"])
+    np.testing.assert_allclose(ours["d"], theirs["d"], atol=1e-5)
+    np.testing.assert_allclose(ours["b"], theirs["b"], atol=1e-5)
+    assert len(rank.bandit) > 100 and rank.assigned == one.assigned > 0
