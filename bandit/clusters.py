@@ -173,13 +173,15 @@ class OnlineKMeans:
         return X[keep], w[keep]
 
     def partial_fit(self, X: np.ndarray, ts: float | None = None,
-                    weights: np.ndarray | None = None) -> None:
+                    weights: np.ndarray | None = None,
+                    nearest: np.ndarray | None = None) -> None:
         """Absorb one mini-batch of points ``float[n, dim]``; all-zero rows are skipped.
 
         ``ts``: the batch's event time; counts decay to it first (with a half-life).
         ``weights``: each row's multiplicity (a positive whole number): a row of weight m is
         absorbed exactly as m copies of it would be, so a batch can pass each distinct point
-        once.
+        once. ``nearest``: ``predict(X)`` if the caller has it already; used unless this batch
+        seeds or re-seeds a centre (which moves the centres before the points are assigned).
         """
         X = np.asarray(X, dtype=np.float64).reshape(-1, self.dim)
         w = (np.ones(len(X)) if weights is None
@@ -188,17 +190,22 @@ class OnlineKMeans:
             raise ValueError("weights must be finite and positive")
         ok = np.isfinite(X).all(1) & (np.abs(X).sum(1) > 0)
         X, w = X[ok], w[ok]
+        labels = None if nearest is None else np.asarray(nearest, dtype=np.int64)[ok]
         self._decay_to(ts)
         if len(X) == 0:
             return
+        reseeded = self.reseeded
         if self._n_init < self.n_clusters:
             X, w = self._seed_centers(X, w)
+            labels = None
         elif self.half_life_s > 0:
             X, w = self._reseed_empty(X, w)
+        if self.reseeded != reseeded:
+            labels = None
         if len(X) == 0:
             return
-        _absorb(X, w, self.predict(X), self._centers[: self._n_init],
-                self._counts[: self._n_init])
+        _absorb(X, w, self.predict(X) if labels is None else labels,
+                self._centers[: self._n_init], self._counts[: self._n_init])
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Index of the nearest initialised centre for each row, int64 ``(n,)``."""

@@ -141,20 +141,23 @@ class ExplorationHook:
                               np.arange(n) if inverse is None else inverse)
 
     def _contexts(self, logged: BatchContexts | None, n: int, vectors: np.ndarray,
-                  inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """:meth:`contexts` of ``n`` events from their logged contexts and user towers."""
+                  inverse: np.ndarray, wanted: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`contexts` of ``n`` events from their logged contexts and user towers; only
+        of the ``wanted`` ones (bool mask; the others are left without a context)."""
         k = self.top_k
         width = max(k, logged.clusters.shape[1] if logged is not None else 0)
         clusters = np.zeros((n, width), dtype=np.int64)
         weights = np.zeros((n, width), dtype=np.float64)
         mask = np.zeros(n, dtype=bool)
+        wanted = np.ones(n, dtype=bool) if wanted is None else np.asarray(wanted, dtype=bool)
         if logged is None:
-            need = np.arange(n)
+            need = np.flatnonzero(wanted)
         else:
-            need = np.flatnonzero(logged.counts < 0)
+            need = np.flatnonzero(wanted & (logged.counts < 0))
             # Logged clusters this bandit does not have (another cluster count) are dropped;
             # the rest keep their order.
-            present = logged.counts >= 0
+            present = wanted & (logged.counts >= 0)
             valid = ((np.arange(logged.clusters.shape[1])[None, :] < logged.counts[:, None])
                      & (logged.clusters < self.bandit.n_clusters))
             for i in np.flatnonzero(present & valid.any(axis=1)).tolist():
@@ -203,7 +206,7 @@ class ExplorationHook:
         before = (self.clusters.predict(points)
                   if self.clusters.n_initialized == self.clusters.n_clusters else None)
         reseeded = self.clusters.reseeded
-        self.clusters.partial_fit(points, ts=ts, weights=events)
+        self.clusters.partial_fit(points, ts=ts, weights=events, nearest=before)
         if before is None:
             return
         if counted is not None:
@@ -220,9 +223,7 @@ class ExplorationHook:
     def reward(self, share: Share, keep: np.ndarray | None = None) -> None:
         """Add the rewards of ``share``'s events (those in ``keep``) under their contexts."""
         mask, clusters, weights = self._contexts(share.logged, len(share.items), share.vectors,
-                                                 share.inverse)
-        if keep is not None:
-            mask &= keep
+                                                 share.inverse, keep)
         if not mask.any():
             return
         self.bandit.update(

@@ -48,13 +48,14 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from confluent_kafka import TopicPartition
+from confluent_kafka import Message, TopicPartition
 
 from featurestore.labeled_batch import LabeledBatch
 from featurestore.schema import ModelConfig, load_model_config
@@ -212,27 +213,39 @@ class RankedTrainer(Trainer):
                           watermark=float(clocks.min()) if len(clocks) else -math.inf,
                           sweep=bool(h[0, 4]), checkpoint=bool(h[0, 5]))
 
-    def step(self, stop: bool) -> StepHeader:
-        """Consume for at most the batch wait, then take the step with every other rank."""
+    def _read(self) -> tuple[list[Message], LabeledBatch | None]:
+        """Consume for at most the batch wait and scan what came: the wire scanner's batch,
+        or ``None`` when there is nothing clean to scan. Changes no state, so it runs while the
+        previous step is still in flight."""
         self.metrics.heartbeat.beat()
-        started = time.perf_counter()
         messages = self._consumer.consume(num_messages=self.settings.trainer_batch_max_events,
                                           timeout=self.settings.trainer_batch_max_wait_ms / 1e3)
-        wall = time.time()
-        # As one process reads a batch: the wire scanner, else the decoder, else one by one.
-        batch = self._scan_clean(messages, wall)
+        return messages, (self._scan_clean(messages, time.time()) if messages else None)
+
+    def _admit(self, messages: list[Message], batch: LabeledBatch | None
+               ) -> LabeledBatch | None:
+        """Make a read batch this rank's share of the next step: advance the offsets past it,
+        or parse it (the decoder, else one by one, dead-lettering what is bad), as one process
+        reads a batch. Only between steps: it changes the offsets a checkpoint saves."""
         if batch is not None:
             self._advance_offsets(messages)
-        else:
-            parsed = self._parse_clean(messages, wall)
-            events = parsed if parsed is not None else self._parse_each(messages, wall)[0]
-            batch = LabeledBatch.of_events(events, self.learner.featurizer) if events else None
+            return batch
+        if not messages:
+            return None
+        wall = time.time()
+        parsed = self._parse_clean(messages, wall)
+        events = parsed if parsed is not None else self._parse_each(messages, wall)[0]
+        return LabeledBatch.of_events(events, self.learner.featurizer) if events else None
+
+    def _take_step(self, batch: LabeledBatch | None, stop: bool, started: float,
+                   consumed: bool) -> StepHeader:
+        """The step every rank takes together: the header, then this rank's share learned (an
+        idle rank joins every collective of the step with an empty share)."""
         header = self._header(0 if batch is None else len(batch), stop, time.monotonic())
         self.learner.step_counts = header.examples
         if batch is not None and len(batch):
             self.learn(batch)
         else:
-            # An idle rank joins every collective of the step: the learner's, the hooks'.
             self.empty_steps += 1
             empty = LabeledBatch.of_events([], self.learner.featurizer)
             self.learner.step_batch(empty.sparse, empty.labels, empty.ts)
@@ -240,9 +253,8 @@ class RankedTrainer(Trainer):
                 hook.on_batch(empty, self.learner)
         self.steps += 1
         self._dlq.poll(0)
-        if messages:
+        if consumed:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        self._housekeeping(header)
         return header
 
     def _housekeeping(self, header: StepHeader) -> None:
@@ -280,16 +292,33 @@ class RankedTrainer(Trainer):
         self.ensure_checkpoint()
         self.learner.warm_up()
         warm_up_scanner(self._wire_plan)
+        # Pipelined like one process: the step (its collectives, the learning, the hooks) runs
+        # on a stepper thread while this thread consumes and scans the next batch; the
+        # collectives wait with the GIL released. Everything that changes what a checkpoint
+        # saves (offsets, dead letters, the housekeeping and its checkpoint) runs here, between
+        # steps, so a rank's steps and checkpoints keep the order of the serial loop.
+        stepper = ThreadPoolExecutor(1, thread_name_prefix="freshrec-rank-step")
+        in_flight: Future[StepHeader] | None = None
         try:
             while True:
-                header = self.step(stop.is_set())
-                if header.stop or (max_events is not None and header.done >= max_events):
-                    break
+                started = time.perf_counter()
+                messages, scanned = self._read()
+                if in_flight is not None:
+                    header = in_flight.result()
+                    in_flight = None
+                    self._housekeeping(header)
+                    if header.stop or (max_events is not None and header.done >= max_events):
+                        break  # the batch just read was not admitted: it is read again later
+                batch = self._admit(messages, scanned)
+                in_flight = stepper.submit(self._take_step, batch, stop.is_set(), started,
+                                           bool(messages))
         except BaseException:
             # The state may be half-learned, or the other ranks gone: no checkpoint of it.
             # Every rank restarts from its last checkpoint, which all ranks took at one step.
+            stepper.shutdown(wait=True, cancel_futures=True)
             self._release()
             raise
+        stepper.shutdown(wait=True)
         # The last global checkpoint, taken by every rank (an idle one too: it owns rows).
         self.checkpoint()
         self._release()

@@ -213,10 +213,14 @@ def test_a_weighted_point_moves_the_centres_as_its_copies_would() -> None:
     copies.partial_fit(X)
     points = X[rng.integers(len(X), size=30)] + 0.5
     mult = rng.integers(1, 6, size=len(points))
+    hinted = OnlineKMeans(4, 3, seed=1)  # given the assignment it would compute itself
+    hinted.partial_fit(X)
+    hinted.partial_fit(points, weights=mult, nearest=hinted.predict(points))
     weighted.partial_fit(points, weights=mult)
     copies.partial_fit(np.repeat(points, mult, axis=0))
     np.testing.assert_allclose(weighted._centers, copies._centers, rtol=1e-12)
     np.testing.assert_allclose(weighted._counts, copies._counts, rtol=1e-12)
+    assert np.array_equal(hinted._centers, weighted._centers)
 
 
 def test_weights_must_be_finite_and_positive() -> None:
