@@ -676,6 +676,9 @@ class Trainer:
         self.ensure_checkpoint()
         self.learner.warm_up()
         warm_up_scanner(self._wire_plan)
+        for hook in self.hooks:
+            if hasattr(hook, "warm_up"):
+                hook.warm_up()
         wait = self.settings.trainer_batch_max_wait_ms / 1000.0
         size = self.settings.trainer_batch_max_events
         self._stepper = ThreadPoolExecutor(1, thread_name_prefix="freshrec-step")

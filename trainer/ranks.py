@@ -292,6 +292,9 @@ class RankedTrainer(Trainer):
         self.ensure_checkpoint()
         self.learner.warm_up()
         warm_up_scanner(self._wire_plan)
+        for hook in self.hooks:
+            if hasattr(hook, "warm_up"):
+                hook.warm_up()
         # Pipelined like one process: the step (its collectives, the learning, the hooks) runs
         # on a stepper thread while this thread consumes and scans the next batch; the
         # collectives wait with the GIL released. Everything that changes what a checkpoint

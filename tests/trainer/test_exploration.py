@@ -143,3 +143,15 @@ def test_one_tower_per_distinct_user_learns_what_one_per_event_does(monkeypatch)
     ours, theirs = hook.bandit.to_arrays(), per_event.bandit.to_arrays()
     for key in ("item_ids", "d", "b"):
         np.testing.assert_allclose(ours[key], theirs[key], rtol=1e-9)
+
+
+def test_warm_up_leaves_the_hook_as_it_was() -> None:
+    hook, learner = _setup()
+    events = _events(200)
+    _train(learner, events)
+    hook.on_batch(events, learner)
+    before = {**hook.bandit.to_arrays(), **hook.clusters.to_arrays()}
+    hook.warm_up()
+    after = {**hook.bandit.to_arrays(), **hook.clusters.to_arrays()}
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
