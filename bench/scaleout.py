@@ -17,7 +17,10 @@ and a replica follows: ``redis_masters``, ``served_buckets_on_masters`` and
 ``lost_updates_during_reshard`` (rows served wrong or missing, version gaps, replica reloads).
 
 Throughput is events / (last step with events - first step with events), from the ranks'
-wall clocks (the group join and start-up are excluded alike). The 2-rank state is compared to
+wall clocks (the group join and start-up are excluded alike). CPU per event is each trainer
+process's own CPU time (all its threads) over the same window, and the broker's over each
+phase; ``cpu_ceiling_2_vs_1`` is what two ranks would reach with every core busy on their CPU
+per event and no waiting, against the one process's measured rate. The 2-rank state is compared to
 the 1-rank state with :mod:`trainer.rank_check` (``equal_to_one_rank``), and every rank counts
 the bytes it sent in the step's collectives. Then the ``kill -9`` drill of
 :mod:`bench.rank_kill` on a topic of its own (``torchrun --max-restarts 1 freshrec trainer``,
@@ -65,12 +68,19 @@ def _timed_steps(trainer: Any, method: str, marks: dict[str, float]) -> None:
     inner = getattr(trainer, method)
 
     def timed(*args: Any, **kwargs: Any) -> Any:
-        marks.setdefault("first", time.time())
+        if "first" not in marks:
+            marks["first"], marks["cpu_first"] = time.time(), time.process_time()
         result = inner(*args, **kwargs)
-        marks["last"] = time.time()
+        marks["last"], marks["cpu_last"] = time.time(), time.process_time()
         return result
 
     setattr(trainer, method, timed)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from ``/proc``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def one_rank(settings: Settings, total: int, out: str) -> None:
@@ -133,16 +143,20 @@ def main() -> None:
                         trainer_metrics_port=0)
         one_settings = base.model_copy(update={
             "trainer_group_id": f"{topic}-one", "trainer_checkpoint_dir": work / "one"})
+        broker = next(p.pid for name, p in stack.children if name == "kafka")
+        broker_cpu = [_cpu_seconds(broker)]
         child = multiprocessing.get_context("spawn").Process(
             target=one_rank, args=(one_settings, total, str(work)))
         child.start()
         child.join(900)
+        broker_cpu.append(_cpu_seconds(broker))
         if child.exitcode != 0:
             raise RuntimeError(f"the 1-rank trainer failed ({child.exitcode})")
         rank_settings = base.model_copy(update={
             "trainer_group_id": f"{topic}-ranks", "trainer_checkpoint_dir": work / "ranks"})
         mp.spawn(rank_main, args=(rank_settings, free_port(), total, str(work)),
                  nprocs=WORLD)
+        broker_cpu.append(_cpu_seconds(broker))
         drill_topic = topic + "-kill"
         create_topics(stack.kafka_bootstrap, [drill_topic, drill_topic + ".dlq"], WORLD)
         kill = kill_one_rank(base.model_copy(update={
@@ -161,6 +175,14 @@ def main() -> None:
     rate_1 = one["trained"] / (one["last"] - one["first"])
     trained_2 = sum(r["trained"] for r in ranks)
     rate_2 = trained_2 / (max(r["last"] for r in ranks) - min(r["first"] for r in ranks))
+    # CPU per event: the trainer processes' own (every thread, between their first and last
+    # step with events), and the broker's over each whole phase (start-up and group join
+    # included, so an upper bound).
+    cpu_1 = (one["cpu_last"] - one["cpu_first"]) / one["trained"] * 1e6
+    cpu_2 = sum(r["cpu_last"] - r["cpu_first"] for r in ranks) / trained_2 * 1e6
+    broker_1 = (broker_cpu[1] - broker_cpu[0]) / total * 1e6
+    broker_2 = (broker_cpu[2] - broker_cpu[1]) / total * 1e6
+    cores = os.cpu_count() or 1
     out = {
         "mode": "quick" if args.quick else "full",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -170,6 +192,14 @@ def main() -> None:
         "events_per_s_1": round(rate_1),
         "events_per_s_2": round(rate_2),
         "scaling_2_vs_1": round(rate_2 / rate_1, 3),
+        "cpu_us_per_event_1": round(cpu_1, 1),
+        "cpu_us_per_event_2": round(cpu_2, 1),
+        "broker_cpu_us_per_event_1": round(broker_1, 1),
+        "broker_cpu_us_per_event_2": round(broker_2, 1),
+        "cores_busy_1": round(rate_1 * (cpu_1 + broker_1) / 1e6, 2),
+        "cores_busy_2": round(rate_2 * (cpu_2 + broker_2) / 1e6, 2),
+        # What 2 ranks would reach with every core busy on their CPU per event and no wait.
+        "cpu_ceiling_2_vs_1": round(cores / ((cpu_2 + broker_2) / 1e6) / rate_1, 3),
         "equal_to_one_rank": d.equal,
         "distance_to_one_rank": {"same_ids": d.same_ids, "max_row_diff": d.max_row_diff,
                                  "max_norm_diff": d.max_norm_diff,
