@@ -422,6 +422,20 @@ class EmbeddingTable:
         if rows > self._index.shape[0] * hm.MAX_LOAD:
             self._grow_index(rows)
 
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) the kernels of admission, row creation, index
+        growth, changes and expiry on a scratch table of this config. Without this, a fresh
+        install compiles them inside the first batches that create rows or grow the index
+        (seconds on the trainer's first batches). This table is left as it was."""
+        scratch = EmbeddingTable(self.config)
+        ids = np.arange(1, 3, dtype=np.int64)
+        for _ in range(max(1, self.config.min_count)):
+            scratch.lookup(ids, 0.0)
+        scratch.reserve(int(scratch._index.shape[0] * hm.MAX_LOAD) + 1)
+        scratch.gather(scratch.find(ids))
+        scratch.changes_since(0)
+        scratch.sweep_expired(self.config.ttl_seconds + 1.0)
+
     def initial_vectors(self, ids: np.ndarray) -> np.ndarray:
         """The vectors a row starts (and restarts after reuse) with: Uniform(±init_scale).
 

@@ -115,6 +115,10 @@ class ExplorationHook:
         one = SparseBatch(1, {"warm-up": SlotIds(np.ones(1, dtype=np.int64),
                                                  np.array([0, 1], dtype=np.int64))})
         take_examples(one, distinct_examples(one)[0])
+        user_tower(self.config, SparseBatch(1, {
+            name: SlotIds(np.ones(1, dtype=np.int64), np.array([0, 1], dtype=np.int64))
+            for name, _ in user_slots(self.config)}),
+            lambda _slot, ids: np.zeros((len(ids), 1), dtype=np.float32))
 
     def distinct_user_vectors(self, learner: OnlineLearner,
                               batch: LabeledBatch | list[AnyLabeledEvent]

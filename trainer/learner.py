@@ -145,6 +145,8 @@ class OnlineLearner:
             scratch = OnlineLearner(self.config, threads=None, micro_batch=self.micro_batch)
             scratch.step([{}], np.zeros(1), np.zeros(1))
             scratch.predict([{}])
+        for table in self.tables.values():  # row creation and growth, which one example skips
+            table.warm_up()
 
     def _optimizer_params(self) -> tuple[np.ndarray, ...]:
         """Per-slot ``(kind, lr, ftrl beta, l1, l2)`` arrays for the kernels."""
