@@ -6,7 +6,13 @@ their profile features) feeds an online k-means whose centroids define the conte
 each event then adds its reward to the statistics of its item under its context. The context is
 the one logged with the impression when there is one — the update must use what the server
 actually used to score — and otherwise the user's current top-K clusters, computed from the same
-tower the service computes.
+tower the service computes. The tower, the clustering and the contexts run once per distinct
+user of the batch (by its user-side IDs), each user weighing as many events as it has: the
+same result as once per event, at a fraction of the cost on real streams, which repeat users
+within a batch. The work splits into :meth:`ExplorationHook.share` (what a batch contributes),
+:meth:`~ExplorationHook.refine` (the clusters) and :meth:`~ExplorationHook.reward` (the
+statistics), which the trainer ranks' hook (``trainer.rank_exploration``) composes across
+ranks.
 
 Cluster counts decay with ``bandit_cluster_half_life_s`` of event time (``OnlineKMeans``), so
 the centroids follow drifting users. Churn — the share of a batch's users whose nearest
